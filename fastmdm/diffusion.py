@@ -1,0 +1,381 @@
+"""Linear multivariate diffusions: du = β(t) A u dt + sqrt(2β(t) D) dW, A = −(Q + D) Σ∞⁻¹.
+
+One class, :class:`LinearDiffusion`, covers VP-SDE (K = 1), CLD (K = 2),
+ALDA (K = 3), MALDA (any K) and learned (Q, D) (mdm-math.md §1). K×K math is
+float64; data tensors keep the caller's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backend import use_triton
+from .ops import apply_kk
+from .transition import TransitionKernel, expm_and_gramian, transition_kernel
+
+STARTS = ("hybrid", "full")
+TIME_SLACK = 1e-6  # relative rounding allowed at the ends of [t_min, T]
+SKEW_TOL = 1e-10
+PSD_TOL = 1e-10
+MAX_TRITON_K = 8
+
+
+def _as_matrix(M, name: str) -> Tensor:
+    if not isinstance(M, Tensor):
+        M = torch.as_tensor(M, dtype=torch.float64)
+    if not M.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point matrix, got dtype {M.dtype}")
+    if M.dim() != 2 or M.shape[0] != M.shape[1] or M.shape[0] < 1:
+        raise ValueError(f"{name} must be a square K x K matrix with K >= 1, got shape {tuple(M.shape)}")
+    if not torch.isfinite(M).all():
+        raise ValueError(f"{name} has non-finite entries")
+    return M.to(torch.float64)
+
+
+def check_skew(Q: Tensor, name: str = "Q") -> None:
+    """Raise ValueError unless ‖Q + Qᵀ‖ ≤ tol·max(1, ‖Q‖)."""
+    err = (Q + Q.T).abs().max().item()
+    if err > SKEW_TOL * max(1.0, Q.abs().max().item()):
+        raise ValueError(f"{name} must be skew-symmetric (Q = -Q^T); max |Q + Q^T| = {err:.3e}")
+
+
+def check_psd(D: Tensor, name: str = "D") -> None:
+    """Raise ValueError unless D is symmetric with eigenvalues ≥ −tol."""
+    scale = max(1.0, D.abs().max().item())
+    asym = (D - D.T).abs().max().item()
+    if asym > SKEW_TOL * scale:
+        raise ValueError(f"{name} must be symmetric; max |D - D^T| = {asym:.3e}")
+    lam = torch.linalg.eigvalsh(D).min().item()
+    if lam < -PSD_TOL * scale:
+        raise ValueError(f"{name} must be positive semi-definite; smallest eigenvalue {lam:.3e}")
+
+
+def check_hurwitz(A: Tensor) -> None:
+    """Raise ValueError unless every eigenvalue of A has negative real part (convergence)."""
+    lam = torch.linalg.eigvals(A).real.max().item()
+    if not lam < -1e-9:
+        raise ValueError(
+            "the drift A = -(Q + D) Sigma_inf^-1 must be Hurwitz (all eigenvalues with negative "
+            f"real part) for the diffusion to converge to N(0, Sigma_inf); max real part {lam:.3e}. "
+            "Some variable receives no noise and is not coupled (through Q) to one that does."
+        )
+
+
+class LinearDiffusion(nn.Module):
+    """A linear MDM: du = −β(t)(Q + D) Σ∞⁻¹ u dt + sqrt(2β(t) D) dW on K variables.
+
+    β(t) = β_min + (β_max − β_min) t on [t_min, T]; stationary law N(0, Σ∞),
+    Σ∞ = diag(stationary_var). Hybrid-start auxiliaries are N(0, init_aux_var).
+    """
+
+    def __init__(
+        self,
+        Q: Tensor | nn.Module,
+        D: Tensor | nn.Module,
+        *,
+        beta_min: float = 0.1,
+        beta_max: float = 10.0,
+        t_min: float = 1e-3,
+        T: float = 1.0,
+        init_aux_var: float = 0.01,
+        stationary_var: float | Sequence[float] = 1.0,
+        name: str = "linear",
+    ):
+        super().__init__()
+        self._register_matrix("Q", Q)
+        self._register_matrix("D", D)
+        Qm, Dm = self.Q.detach(), self.D.detach()
+        if Qm.shape != Dm.shape:
+            raise ValueError(
+                f"Q and D must have the same K x K shape, got {tuple(Qm.shape)} and {tuple(Dm.shape)}"
+            )
+        check_skew(Qm)
+        check_psd(Dm)
+        K = self.K = Qm.shape[0]
+        self.name = name
+        if not (math.isfinite(beta_min) and beta_min > 0):
+            raise ValueError(f"beta_min must be a finite number > 0, got {beta_min}")
+        if not (math.isfinite(beta_max) and beta_min + (beta_max - beta_min) * T > 0):
+            raise ValueError(f"beta_max must keep beta(t) > 0 on [0, T], got {beta_max}")
+        if not (0 < t_min < T and math.isfinite(T)):
+            raise ValueError(f"need 0 < t_min < T, got t_min={t_min}, T={T}")
+        if not init_aux_var > 0:
+            raise ValueError(f"init_aux_var must be > 0, got {init_aux_var}")
+        var = torch.as_tensor(stationary_var, dtype=torch.float64).flatten()
+        if var.numel() == 1:
+            var = var.expand(K).clone()
+        if var.numel() != K or not (var > 0).all():
+            raise ValueError(
+                f"stationary_var must be a positive float or {K} positive values, got {stationary_var}"
+            )
+        self.beta_min, self.beta_max = float(beta_min), float(beta_max)
+        self.t_min, self.T = float(t_min), float(T)
+        self.init_aux_var = float(init_aux_var)
+        self.register_buffer("stationary_var", var)
+        check_hurwitz(self.A.detach())
+
+    def _register_matrix(self, name: str, value) -> None:
+        """A fixed matrix becomes a float64 buffer; an nn.Module (a parametrization) a submodule."""
+        if isinstance(value, nn.Module):
+            setattr(self, f"{name}_param", value)
+            _as_matrix(value().detach(), name)
+        else:
+            self.register_buffer(f"{name}_fixed", _as_matrix(value, name))
+
+    @property
+    def learned(self) -> bool:
+        """True when Q or D comes from a learnable parametrization."""
+        return hasattr(self, "Q_param") or hasattr(self, "D_param")
+
+    # -- the matrices ---------------------------------------------------------------------
+    @property
+    def Q(self) -> Tensor:
+        """Skew-symmetric K×K mixing matrix (float64)."""
+        return self.Q_param() if hasattr(self, "Q_param") else self.Q_fixed
+
+    @property
+    def D(self) -> Tensor:
+        """Symmetric PSD K×K diffusion matrix (float64)."""
+        return self.D_param() if hasattr(self, "D_param") else self.D_fixed
+
+    @property
+    def A(self) -> Tensor:
+        """Drift matrix A = −(Q + D) Σ∞⁻¹ (float64)."""
+        return -(self.Q + self.D) / self.stationary_var
+
+    def extra_repr(self) -> str:
+        return (f"name={self.name!r}, K={self.K}, beta=[{self.beta_min}, {self.beta_max}], "
+                f"t=[{self.t_min}, {self.T}]")
+
+    # -- time -----------------------------------------------------------------------------
+    def beta(self, t: Tensor) -> Tensor:
+        """β(t) = β_min + (β_max − β_min) t."""
+        return self.beta_min + (self.beta_max - self.beta_min) * t
+
+    def tau(self, t: Tensor) -> Tensor:
+        """τ(t) = ∫₀ᵗ β = β_min t + ½(β_max − β_min) t²."""
+        return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t * t
+
+    def check_time(self, t, batch: int | None = None, device=None, name: str = "t") -> Tensor:
+        """Validate t ∈ [t_min, T]; return it as a float64 tensor of shape (batch,) on ``device``.
+
+        A scalar (Python float or 0-d tensor) is broadcast to the batch.
+        """
+        if isinstance(t, Tensor):
+            if not t.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+            if device is not None and t.device != torch.device(device):
+                raise ValueError(f"{name} is on {t.device} but the data is on {device}")
+            t = t.to(torch.float64)
+            if t.dim() == 0:
+                t = t.expand(batch if batch is not None else 1)
+            if t.dim() != 1 or (batch is not None and t.shape[0] != batch):
+                raise ValueError(
+                    f"{name} must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
+        else:
+            try:
+                value = float(t)
+            except (TypeError, ValueError):
+                raise TypeError(f"{name} must be a float or a tensor, got {type(t).__name__}") from None
+            t = torch.full((batch or 1,), value, dtype=torch.float64, device=device)
+        if t.numel():
+            lo, hi = t.min().item(), t.max().item()
+            if not (lo >= self.t_min * (1 - TIME_SLACK) and hi <= self.T * (1 + TIME_SLACK)):
+                raise ValueError(f"{name} must lie in [t_min, T] = [{self.t_min}, {self.T}], "
+                                 f"got values in [{lo}, {hi}]")
+        return t.clamp(self.t_min, self.T)
+
+    # -- transition kernel ----------------------------------------------------------------
+    def _start_aux_var(self, start: str) -> float | None:
+        if start not in STARTS:
+            raise ValueError(f"start must be one of {STARTS}, got {start!r}")
+        return self.init_aux_var if start == "hybrid" else None
+
+    def transition(self, t, start: str = "hybrid", dtype: torch.dtype | None = None,
+                   device=None) -> TransitionKernel:
+        """q(u_t | start) as (M_t, Σ_t, L_t, L_t⁻ᵀ), each (B, K, K), computed in float64.
+
+        Returned in ``dtype`` (default: t's dtype if t is a tensor, else torch's default).
+        """
+        if dtype is None:
+            dtype = t.dtype if isinstance(t, Tensor) else torch.get_default_dtype()
+        if device is None:
+            device = t.device if isinstance(t, Tensor) else self.stationary_var.device
+        return self.transition_f64(self.check_time(t, device=device), start).to(dtype)
+
+    def transition_f64(self, t64: Tensor, start: str = "hybrid") -> TransitionKernel:
+        """Transition kernel in float64 for an already validated float64 t of shape (B,)."""
+        aux_var = self._start_aux_var(start)
+        A, two_d = self.A.to(t64.device), 2.0 * self.D.to(t64.device)
+        tau = self.tau(t64)
+        if use_triton(t64.device) and self.K <= MAX_TRITON_K:
+            from .kernels.transition import transition_kernel_triton
+
+            return transition_kernel_triton(A, two_d, tau, aux_var)
+        return transition_kernel(A, two_d, tau, aux_var)
+
+    def flow(self, t_to: Tensor, t_from: Tensor) -> Tensor:
+        """Φ(t_to, t_from) = exp((τ(t_to) − τ(t_from)) A) in float64, (B, K, K)."""
+        A = self.A.to(t_to.device)
+        return expm_and_gramian(A, torch.zeros_like(A), self.tau(t_to) - self.tau(t_from))[0]
+
+    # -- the forward process on data ------------------------------------------------------
+    def check_data(self, x: Tensor, start: str = "hybrid", name: str = "x0") -> None:
+        """Raise unless x is a float tensor (B, *data_shape), or a state (B, K, …) for 'full'."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        if start == "full":
+            if x.dim() < 3 or x.shape[1] != self.K:
+                raise ValueError(f"{name} for start='full' must be a state of shape "
+                                 f"(B, K={self.K}, *data_shape), got {tuple(x.shape)}")
+        elif x.dim() < 2:
+            raise ValueError(f"{name} must have shape (B, *data_shape), got {tuple(x.shape)}")
+        if x.shape[0] < 1:
+            raise ValueError(f"{name} has an empty batch")
+
+    def check_state(self, u: Tensor, name: str = "u") -> None:
+        """Raise unless u is a float state of shape (B, K, *data_shape)."""
+        self.check_data(u, "full", name)
+
+    def mean(self, m0: Tensor, tk: TransitionKernel, start: str = "hybrid") -> Tensor:
+        """E[u_t | start]: M_t[:, :, 0] x₀ (hybrid, a rank-one update) or M_t u₀ (full)."""
+        if start == "full":
+            return apply_kk(tk.mean_coef, m0)
+        a = tk.mean_coef[:, :, 0].to(m0.dtype)  # (B, K)
+        return a.view(*a.shape, *([1] * (m0.dim() - 1))) * m0.unsqueeze(1)
+
+    def perturb(self, x0: Tensor, t, start: str = "hybrid", generator: torch.Generator | None = None,
+                noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Draw u_t = M_t m₀ + L_t ε, ε ~ N(0, I); returns (u_t, ε), each (B, K, *data_shape).
+
+        x0 is data (B, *data_shape) for the hybrid start, a state (B, K, *data_shape)
+        for the full start; ``noise`` optionally supplies ε.
+        """
+        self._start_aux_var(start)
+        self.check_data(x0, start)
+        t64 = self.check_time(t, batch=x0.shape[0], device=x0.device)
+        shape = tuple(x0.shape) if start == "full" else (x0.shape[0], self.K, *x0.shape[1:])
+        if noise is None:
+            noise = torch.randn(shape, dtype=x0.dtype, device=x0.device, generator=generator)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
+        tk = self.transition_f64(t64, start)
+        return self.mean(x0, tk, start) + apply_kk(tk.chol, noise), noise
+
+    def prior_sample(self, shape, generator: torch.Generator | None = None,
+                     dtype: torch.dtype | None = None, device=None) -> Tensor:
+        """u_T ~ N(0, Σ∞): shape (B, *data_shape) -> a state (B, K, *data_shape)."""
+        shape = tuple(int(s) for s in shape)
+        if len(shape) < 2 or min(shape) < 1:
+            raise ValueError(f"shape must be (B, *data_shape) with positive sizes, got {shape}")
+        dtype = dtype or torch.get_default_dtype()
+        device = device if device is not None else self.stationary_var.device
+        eps = torch.randn((shape[0], self.K, *shape[1:]), dtype=dtype, device=device,
+                          generator=generator)
+        std = self.stationary_var.to(device=device, dtype=dtype).sqrt()
+        return eps * std.view(1, self.K, *([1] * (len(shape) - 1)))
+
+    def prior_log_prob(self, u: Tensor) -> Tensor:
+        """log N(u; 0, Σ∞ ⊗ I_d) per sample, (B,), in float64."""
+        self.check_state(u)
+        var = self.stationary_var.to(u.device)
+        d = u[0, 0].numel()
+        quad = (u.to(torch.float64) ** 2 / var.view(1, -1, *([1] * (u.dim() - 2)))).flatten(1).sum(1)
+        return -0.5 * (quad + d * (self.K * math.log(2 * math.pi) + var.log().sum()))
+
+
+class SkewSymmetric(nn.Module):
+    """Learnable skew-symmetric matrix Q = q − qᵀ (float64)."""
+
+    def __init__(self, init: Tensor):
+        super().__init__()
+        self.q = nn.Parameter(init.to(torch.float64).clone())
+
+    def forward(self) -> Tensor:
+        return self.q - self.q.T
+
+
+class DiagonalPSD(nn.Module):
+    """Learnable diagonal D = diag(softplus(d)) + floor·I (float64), always ≻ 0."""
+
+    def __init__(self, K: int, floor: float = 1e-3):
+        super().__init__()
+        self.floor = floor
+        self.d = nn.Parameter(torch.zeros(K, dtype=torch.float64))
+
+    def forward(self) -> Tensor:
+        eye = torch.eye(self.d.shape[0], dtype=self.d.dtype, device=self.d.device)
+        return torch.diag(F.softplus(self.d)) + self.floor * eye
+
+
+class CholeskyPSD(nn.Module):
+    """Learnable full D = R Rᵀ + floor·I with R lower triangular (float64), always ≻ 0."""
+
+    def __init__(self, K: int, floor: float = 1e-3):
+        super().__init__()
+        self.floor = floor
+        self.R = nn.Parameter(torch.eye(K, dtype=torch.float64))
+
+    def forward(self) -> Tensor:
+        R = self.R.tril()
+        return R @ R.T + self.floor * torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
+
+
+def vpsde(**kwargs) -> LinearDiffusion:
+    """VP-SDE (K = 1): Q = 0, D = ½, so f = −½βx and g² = β."""
+    kwargs.setdefault("name", "vpsde")
+    return LinearDiffusion([[0.0]], [[0.5]], **kwargs)
+
+
+def cld(aux_var: float = 1.0, **kwargs) -> LinearDiffusion:
+    """Critically damped Langevin (K = 2): Q = [[0, −1], [1, 0]], D = diag(0, Γ), Γ = 2σ_a."""
+    gamma = 2.0 * math.sqrt(aux_var)
+    kwargs.setdefault("name", "cld")
+    kwargs.setdefault("stationary_var", [1.0, aux_var])
+    return LinearDiffusion([[0.0, -1.0], [1.0, 0.0]], [[0.0, 0.0], [0.0, gamma]], **kwargs)
+
+
+def alda(aux_var: float = 1.0, gamma: float = 1.0, psi: float = 1.0, **kwargs) -> LinearDiffusion:
+    """ALDA (K = 3): Q = [[0, −σ²_a, 0], [σ²_a, 0, −γ], [0, γ, 0]], D = diag(0, 0, ψσ²_a)."""
+    a = aux_var
+    Q = [[0.0, -a, 0.0], [a, 0.0, -gamma], [0.0, gamma, 0.0]]
+    D = [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, psi * a]]
+    kwargs.setdefault("name", "alda")
+    kwargs.setdefault("stationary_var", [1.0, a, a])
+    return LinearDiffusion(Q, D, **kwargs)
+
+
+def malda(K: int = 3, aux_var: float = 1.0, **kwargs) -> LinearDiffusion:
+    """MALDA (any K ≥ 2): Q_ij = −1 (i < j), +1 (i > j); D = diag(0, Γ, …, Γ), Γ = 2σ_a."""
+    if not isinstance(K, int) or K < 2:
+        raise ValueError(f"K must be an integer >= 2 for malda, got {K!r}")
+    Q = torch.ones(K, K, dtype=torch.float64).tril(-1)
+    Q = Q - Q.T
+    D = torch.diag(torch.tensor([0.0] + [2.0 * math.sqrt(aux_var)] * (K - 1), dtype=torch.float64))
+    kwargs.setdefault("name", f"malda{K}")
+    kwargs.setdefault("stationary_var", [1.0] + [aux_var] * (K - 1))
+    return LinearDiffusion(Q, D, **kwargs)
+
+
+def learned(K: int = 3, full_d: bool = False, init_noise: float = 0.0,
+            generator: torch.Generator | None = None, **kwargs) -> LinearDiffusion:
+    """Learnable (Q, D): Q = q − qᵀ, D = diag(softplus(d)) + 1e-3·I, or R Rᵀ + 1e-3·I if full_d.
+
+    q starts at MALDA's pattern (strict lower ones, so Q_ij = ±1) plus
+    ``init_noise``·N(0, 1); D starts at (log 2 + 1e-3)·I (diagonal) or 1.001·I (full).
+    """
+    if not isinstance(K, int) or K < 1:
+        raise ValueError(f"K must be an integer >= 1, got {K!r}")
+    q = torch.ones(K, K, dtype=torch.float64).tril(-1)
+    if init_noise:
+        q = q + init_noise * torch.randn(K, K, dtype=torch.float64, generator=generator)
+    D = CholeskyPSD(K) if full_d else DiagonalPSD(K)
+    kwargs.setdefault("name", f"learned{K}")
+    return LinearDiffusion(SkewSymmetric(q), D, **kwargs)

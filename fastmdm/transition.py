@@ -1,0 +1,103 @@
+"""Exact transition kernels of a linear MDM, on the torch path (float64).
+
+For du = β(t) A u dt + sqrt(β(t)) G dW with G Gᵀ = 2D, the flow over [0, t] is
+M_t = exp(τ(t) A) and the covariance of the forward process is
+
+    Σ_t = M_t Σ₀ M_tᵀ + P(τ),   P(τ) = ∫₀^τ e^{sA} (2D) e^{sAᵀ} ds.
+
+Everything here is cancellation-free (mdm-math.md §2):
+
+* for τ‖A‖₂ ≤ 1, M by its Taylor series and P by the Lyapunov series
+  P(τ) = Σₙ τⁿ⁺¹/(n+1)! 𝓛ⁿ(2D), 𝓛(X) = AX + XAᵀ;
+* beyond, scaling and squaring applied to the pair: with τ = 2ˢ τ', the
+  series at τ' and then s doublings P ← P + M P Mᵀ, M ← M M (from
+  P(2τ) = P(τ) + e^{τA} P(τ) e^{τAᵀ}, a sum of PSD terms, no subtraction);
+* the Cholesky factor in square-root form: Σ_t = X Xᵀ with
+  X = [σ₀ M_t[:, 1:], chol P(τ)], so L_t = Rᵀ from the QR of Xᵀ.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+TAYLOR_TERMS = 20  # |τA| ≤ 1: 1/21! ≈ 2e-20, below float64 rounding
+LYAPUNOV_TERMS = 26  # ‖𝓛‖ ≤ 2‖A‖: 2²⁶/27! ≈ 6e-21
+
+
+class TransitionKernel(NamedTuple):
+    """q(u_t | start) = N(mean_coef @ m₀, cov), cov = chol @ cholᵀ; each (B, K, K)."""
+
+    mean_coef: Tensor
+    cov: Tensor
+    chol: Tensor
+    chol_inv_t: Tensor
+
+    def to(self, dtype: torch.dtype) -> TransitionKernel:
+        return TransitionKernel(*(m.to(dtype) for m in self))
+
+
+def squarings(A: Tensor, tau: Tensor) -> Tensor:
+    """Number of doublings s ≥ 0 per τ so that τ‖A‖₂ / 2ˢ ≤ 1 (no gradient)."""
+    norm = torch.linalg.matrix_norm(A.detach(), ord=2)
+    scaled = (tau.detach().abs() * norm).clamp_min(1.0)
+    return torch.ceil(torch.log2(scaled)).to(torch.int64).clamp_min(0)
+
+
+def _mT(X: Tensor) -> Tensor:
+    return X.transpose(-1, -2)
+
+
+def expm_and_gramian(A: Tensor, two_d: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
+    """M = exp(τA) and P(τ) = ∫₀^τ e^{sA} 2D e^{sAᵀ} ds for a batch of τ (float64).
+
+    A, two_d: (K, K); tau: (B,), any sign for M (P needs τ ≥ 0). Returns (B, K, K) each.
+    Differentiable in A, two_d and tau.
+    """
+    K = A.shape[-1]
+    s = squarings(A, tau)
+    tau_s = tau / torch.exp2(s.to(tau.dtype))
+    X = tau_s[:, None, None] * A  # (B, K, K): τ'A
+    eye = torch.eye(K, dtype=A.dtype, device=A.device).expand_as(X)
+    M, term = eye, eye
+    for n in range(1, TAYLOR_TERMS + 1):
+        term = term @ X / n
+        M = M + term
+    term = tau_s[:, None, None] * two_d  # τ' 2D
+    P = term
+    for n in range(1, LYAPUNOV_TERMS + 1):
+        term = (X @ term + term @ _mT(X)) / (n + 1)
+        P = P + term
+    for i in range(int(s.max().item()) if s.numel() else 0):
+        double = (s > i)[:, None, None]
+        P = torch.where(double, P + M @ P @ _mT(M), P)
+        M = torch.where(double, M @ M, M)
+    return M, P
+
+
+def transition_kernel(
+    A: Tensor, two_d: Tensor, tau: Tensor, init_aux_var: float | None
+) -> TransitionKernel:
+    """Mean coefficient, covariance, Cholesky factor and its inverse transpose (float64).
+
+    ``init_aux_var=None`` is the full start (Σ₀ = 0); a float σ₀² the hybrid start
+    Σ₀ = diag(0, σ₀², …, σ₀²). Σ_t = M Σ₀ Mᵀ + P and L_t from the QR of
+    [σ₀ M[:, 1:], chol P]ᵀ (square-root form, no inner products that cancel).
+    """
+    M, P = expm_and_gramian(A, two_d, tau)
+    L = torch.linalg.cholesky(P)
+    K = A.shape[-1]
+    if init_aux_var is not None and K > 1:
+        aux = (init_aux_var**0.5) * M[..., 1:]
+        cov = aux @ _mT(aux) + P
+        X = torch.cat([aux, L], dim=-1)  # (B, K, 2K-1), X Xᵀ = Σ_t
+        R = torch.linalg.qr(_mT(X), mode="r").R  # Xᵀ = Q R, Σ_t = Rᵀ R
+        sign = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
+        L = _mT(R * sign[..., :, None])
+    else:
+        cov = P
+    eye = torch.eye(K, dtype=A.dtype, device=A.device).expand_as(L)
+    L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
+    return TransitionKernel(M, cov, L, _mT(L_inv))
