@@ -1,0 +1,176 @@
+"""The benchmark harness: the tiny preset's report, its schema, and ratios from the same run."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from fastmdm import benchmarking as bm
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny-preset run on CPU (every case), written to a fresh directory."""
+    report = bm.run_suite("tiny", "cpu", log=None)
+    out = tmp_path_factory.mktemp("bench")
+    json_path, md_path = bm.write_report(report, out)
+    return report, json_path, md_path
+
+
+def test_tiny_report_is_valid_json_and_markdown(tiny_run):
+    report, json_path, md_path = tiny_run
+    loaded = json.loads(json_path.read_text())
+    bm.validate_report(loaded)
+    assert loaded == json.loads(json.dumps(report))
+    meta = loaded["metadata"]
+    assert meta["preset"] == "tiny" and meta["device"]["type"] == "cpu"
+    assert meta["versions"]["torch"] == torch.__version__
+    assert any("No GPU" in note for note in meta["notes"])
+    assert json_path.name == f"bench-{meta['date'][:10]}-cpu-tiny.json"
+    md = md_path.read_text()
+    assert meta["command"] in md and meta["device"]["name"] in md
+    for case in bm.PRESET_CONFIGS["tiny"].sizes:
+        if case in bm.CASES:
+            assert f"| {case} |" in md
+
+
+def test_every_case_yields_a_measured_or_explained_row(tiny_run):
+    report, _, _ = tiny_run
+    fast = {row["case"]: row for row in report["rows"] if row["impl"] == "fast"}
+    assert set(fast) == set(bm.CASES)
+    for row in report["rows"]:
+        assert row["status"] == "ok" or row["reason"]
+        assert (row["B"], row["K"], row["d"]) == (4, 2, 1 if row["case"] == "transition" else 3)
+    for case in ("transition", "perturb", "dsm_loss"):
+        assert fast[case]["status"] == "ok"
+        assert fast[case]["floor_bytes"] > 0
+
+
+def test_ratios_are_quotients_of_the_same_runs_medians(tiny_run):
+    report, _, _ = tiny_run
+    medians = {(r["case"], r["impl"]): r["median_s"] for r in report["rows"] if r["status"] == "ok"}
+    assert report["ratios"]
+    for ratio in report["ratios"]:
+        case = ratio["case"]
+        assert ratio["fast_over_reference"] == medians[(case, "fast")] / medians[(case, "reference")]
+        assert ratio["fast_over_torch"] is None  # on CPU the fast path is the torch path
+        assert ratio["fast_over_compile"] is None  # the tiny preset leaves torch.compile out
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda r: r["ratios"][0].update(fast_over_reference=r["ratios"][0]["fast_over_reference"] * 1.1),
+         "quotient"),
+        (lambda r: r["metadata"].pop("command"), "command"),
+        (lambda r: r["metadata"]["versions"].pop("torch"), "torch"),
+        (lambda r: r["rows"][0].update(impl="numpy"), "impl"),
+        (lambda r: r["rows"][0].update(median_s=0.0), "median_s"),
+        (lambda r: r["rows"][0].update(status="failed", reason=""), "reason"),
+        (lambda r: r["ratios"][0].update(fast_over_compile=1.0), "no ok row"),
+        (lambda r: r.update(rows=[]), "rows"),
+    ],
+)
+def test_validator_rejects_a_broken_report(tiny_run, corrupt, message):
+    report = copy.deepcopy(tiny_run[0])
+    corrupt(report)
+    with pytest.raises(ValueError, match=message):
+        bm.validate_report(report)
+
+
+def _fake_rows():
+    base = {"case": "c", "device": "cpu", "dtype": "float32", "B": 2, "K": 1, "d": 3, "extra": {},
+            "iqr_s": 0.0, "n": 5, "number": 1, "memory_bound": False}
+    return [
+        {**base, "impl": "fast", "status": "ok", "median_s": 2.0},
+        {**base, "impl": "reference", "status": "ok", "median_s": 8.0},
+        {**base, "impl": "torch", "status": "failed", "median_s": None, "reason": "boom"},
+        {**base, "impl": "compile", "status": "ok", "median_s": 1.0},
+        {**base, "impl": "reference", "d": 4, "status": "ok", "median_s": 1.0},  # no fast row: no ratio
+    ]
+
+
+def test_compute_ratios_uses_only_ok_rows_of_the_same_size():
+    (ratio,) = bm.compute_ratios(_fake_rows())
+    assert ratio["params"] == {"B": 2, "K": 1, "d": 3}
+    assert ratio["fast_over_reference"] == 0.25
+    assert ratio["fast_over_torch"] is None
+    assert ratio["fast_over_compile"] == 2.0
+
+
+def test_measure_calls_the_function_and_summarises_samples():
+    calls = []
+    timing = bm.measure(lambda: calls.append(1), "cpu", budget_s=1.0, min_samples=3, max_samples=4,
+                        min_sample_s=0.0)
+    assert timing.n == 4 and timing.number == 1  # the budget would allow more: capped
+    assert len(calls) == 2 + timing.n * timing.number  # warm-up, estimate, samples
+    assert timing.median_s > 0 and timing.iqr_s >= 0
+    with pytest.raises(ValueError, match="min_samples"):
+        bm.measure(lambda: None, "cpu", min_samples=1)
+
+
+def test_copy_bandwidth_is_a_positive_rate():
+    gbps = bm.copy_bandwidth("cpu", nbytes=1 << 20, budget_s=0.01)
+    assert math.isfinite(gbps) and gbps > 0
+
+
+def _register(monkeypatch, name, build):
+    monkeypatch.setitem(bm.CASES, name, bm.Case(name, "test case", build))
+    monkeypatch.setitem(bm.PRESET_CONFIGS["tiny"].sizes, name, (bm.Size(2, 1, 3),))
+
+
+def _workload(reference=None):
+    x = torch.randn(2, 3)
+    return bm.Workload(torch_path=lambda: x * 2, reference=reference or (lambda: x + x))
+
+
+def test_skipped_failed_and_unavailable_compile_rows_carry_reasons(monkeypatch):
+    def missing(size, device, dtype):
+        raise bm.CaseSkipped("fastmdm.nothing is not available")
+
+    def broken_reference():
+        raise RuntimeError("reference exploded")
+
+    _register(monkeypatch, "missing", missing)
+    _register(monkeypatch, "broken", lambda size, device, dtype: _workload(broken_reference))
+    _register(monkeypatch, "works", lambda size, device, dtype: _workload())
+    monkeypatch.setattr(torch, "compile", lambda fn: (_ for _ in ()).throw(RuntimeError("no compiler")))
+    report = bm.run_suite("tiny", "cpu", compile=True, cases=["missing", "broken", "works"], log=None)
+    bm.validate_report(report)
+    rows = {(r["case"], r["impl"]): r for r in report["rows"]}
+    assert rows[("missing", "fast")]["status"] == "skipped"
+    assert "fastmdm.nothing" in rows[("missing", "fast")]["reason"]
+    assert rows[("broken", "reference")]["status"] == "failed"
+    assert "reference exploded" in rows[("broken", "reference")]["reason"]
+    assert rows[("works", "fast")]["status"] == "ok"
+    assert rows[("works", "compile")]["status"] == "n/a"
+    ratios = {r["case"]: r for r in report["ratios"]}
+    assert ratios["broken"]["fast_over_reference"] is None
+    assert ratios["works"]["fast_over_reference"] > 0
+
+
+def test_compile_rows_stop_when_the_compile_budget_is_spent(monkeypatch):
+    _register(monkeypatch, "works", lambda size, device, dtype: _workload())
+    monkeypatch.setattr(torch, "compile", lambda fn: fn)  # the tiny preset's compile budget is 0 s
+    report = bm.run_suite("tiny", "cpu", compile=True, cases=["works"], log=None)
+    (row,) = [r for r in report["rows"] if r["impl"] == "compile"]
+    assert row["status"] == "n/a" and "budget" in row["reason"]
+
+
+def test_run_bench_prints_the_table_and_writes_both_files(monkeypatch, tmp_path, capsys):
+    _register(monkeypatch, "works", lambda size, device, dtype: _workload())
+    monkeypatch.setattr(bm, "CASES", {"works": bm.CASES["works"]})
+    report = bm.run_bench("tiny", "cpu", tmp_path)
+    printed = capsys.readouterr().out
+    assert "| works |" in printed and "fast/ref" in printed
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".md"]
+    bm.validate_report(report)
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="preset"):
+        bm.run_suite("huge", "cpu", log=None)
+    with pytest.raises(ValueError, match="cases"):
+        bm.run_suite("tiny", "cpu", cases=["nope"], log=None)

@@ -1,0 +1,56 @@
+"""Profiling: stage ranges on CPU and the traces written by run_profile."""
+
+import pytest
+import torch
+
+from fastmdm import profiling
+
+
+def test_stage_is_transparent_outside_a_profiler():
+    x = torch.arange(4.0)
+    with profiling.stage("outer"):
+        with profiling.stage("inner") as inner:
+            y = x * 2
+    assert torch.equal(y, x * 2)
+    assert inner.label == "fastmdm.inner"
+    with pytest.raises(KeyError):
+        with profiling.stage("raising"):
+            raise KeyError("propagates")
+
+
+def test_stage_names_a_range_while_profiling():
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with profiling.stage("unit_test_stage"):
+            torch.ones(8).sum()
+    keys = {event.key for event in prof.key_averages()}
+    assert "fastmdm.unit_test_stage" in keys
+
+
+@pytest.mark.parametrize("what", ["train", "elbo"])
+def test_run_profile_writes_a_chrome_trace_and_ranks_ops(tmp_path, what, capsys):
+    result = profiling.run_profile(what, tmp_path, "cpu", steps=1, batch=16)
+    trace = profiling.load_trace(result["trace"])
+    names = {event.get("name") for event in trace["traceEvents"]}
+    assert any(name.startswith("aten::") for name in names if name)
+    top = result["top"]
+    assert 0 < len(top) <= 10
+    times = [row["self_time_us"] for row in top]
+    assert times == sorted(times, reverse=True) and times[-1] > 0
+    assert not any(row["name"].startswith("fastmdm.") for row in top)
+    assert "top" in capsys.readouterr().out
+
+
+def test_train_profile_names_the_training_stage(tmp_path):
+    result = profiling.run_profile("train", tmp_path, "cpu", steps=1, batch=16)
+    names = {event.get("name") for event in profiling.load_trace(result["trace"])["traceEvents"]}
+    assert "fastmdm.train_step" in names
+
+
+def test_bad_arguments_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="what"):
+        profiling.run_profile("infer", tmp_path, "cpu")
+    with pytest.raises(ValueError, match="steps"):
+        profiling.run_profile("elbo", tmp_path, "cpu", steps=0)
+    with pytest.raises(ValueError, match="not a Chrome trace"):
+        (tmp_path / "x.json").write_text("[]")
+        profiling.load_trace(tmp_path / "x.json")
