@@ -198,6 +198,9 @@ def _build_perturb(size: Size, device, dtype) -> Workload:
 
 
 def _build_dsm_loss(size: Size, device, dtype) -> Workload:
+    weighted_dsm = _require("dsm", "weighted_dsm")
+    from .objectives import dsm_weight
+
     diff = bench_diffusion(size.K, device)
     t64 = _times(size.B, device)
     eps_hat = _randn((size.B, size.K, size.d), dtype, device, seed=3)
@@ -205,14 +208,8 @@ def _build_dsm_loss(size: Size, device, dtype) -> Workload:
     Q, D = _matrices(diff, dtype)
     t_ref, ref_args = t64.to(dtype), _reference_args(diff, dtype)
     item = torch.finfo(dtype).bits // 8
-    from .objectives import dsm_weight, weighted_sq_norm
-
-    def torch_path():
-        W = dsm_weight(diff, t64, diff.transition_f64(t64, "hybrid"))
-        return 0.5 * weighted_sq_norm(eps_hat - eps, W)
-
     return Workload(
-        torch_path=torch_path,
+        torch_path=lambda: weighted_dsm(eps_hat, eps, dsm_weight(diff, t64, diff.transition_f64(t64))),
         reference=lambda: reference.dsm_loss_weighted(eps_hat, eps, t_ref, Q, D, "hybrid", **ref_args),
         floor_bytes=size.B * (2 * item * size.K * size.d + 8 + item),  # read ε̂, ε, t; write (B,)
     )
@@ -235,14 +232,41 @@ def _build_hutchinson(size: Size, device, dtype) -> Workload:
     )
 
 
+def _build_train_step(size: Size, device, dtype) -> Workload:
+    """One optimiser step of the noise-prediction loss: fastmdm.MDM vs the reference loss."""
+    MDM = _require("training", "MDM")
+    diff = bench_diffusion(size.K, device)
+    x0 = _randn((size.B, size.d), dtype, device, seed=6)
+    Q, D = _matrices(diff, dtype)
+    ref_args = _reference_args(diff, dtype)
+    mdm = MDM(diff, _network(size, device, dtype), objective="noise")
+    ref_net = _network(size, device, dtype)
+    fast_opt = torch.optim.Adam(mdm.trainable_parameters(), lr=1e-4)
+    ref_opt = torch.optim.Adam(ref_net.parameters(), lr=1e-4)
+
+    def step(optimizer, loss_fn):
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn().mean().backward()
+        optimizer.step()
+
+    return Workload(
+        torch_path=lambda: step(fast_opt, lambda: mdm.loss(x0)),
+        reference=lambda: step(ref_opt, lambda: reference.noise_prediction_loss(
+            ref_net, Q, D, x0, t_min=diff.t_min, T=diff.T, **ref_args)),
+    )
+
+
 CASES: dict[str, Case] = {
     case.name: case
     for case in (
         Case("transition", "transition coefficients (M, Σ, L, L⁻ᵀ) for B times", _build_transition),
         Case("perturb", "u_t = M_t x0 + L_t ε (hybrid start)", _build_perturb, memory_bound=True),
-        Case("dsm_loss", "weighted DSM ½ Σ_j (ε̂−ε)ᵀ W_t (ε̂−ε)", _build_dsm_loss, memory_bound=True),
+        Case("dsm_loss", "weighted DSM ½ Σ_j (ε̂−ε)ᵀ W_t (ε̂−ε), W_t from t", _build_dsm_loss,
+             memory_bound=True),
         Case("hutchinson", "Hutchinson divergence of an MLP, `probes` Rademacher probes",
              _build_hutchinson),
+        Case("train_step", "zero_grad + noise-prediction loss + backward + Adam step (MLP)",
+             _build_train_step),
     )
 }
 
@@ -398,9 +422,21 @@ def _under_backend(fn: Callable[[], object], name: str) -> Callable[[], object]:
 
 
 def _compiled(fn: Callable[[], object]) -> Callable[[], object]:
-    """torch.compile of the torch path (fresh dynamo caches, so no recompile limit is hit)."""
-    torch._dynamo.reset()
-    return _under_backend(torch.compile(fn), "torch")
+    """torch.compile of the torch path, built on the first call (which then also compiles).
+
+    Dynamo's caches are reset first so that no recompile limit is hit across sizes.
+    """
+    compiled = None
+
+    def call():
+        nonlocal compiled
+        if compiled is None:
+            torch._dynamo.reset()
+            compiled = torch.compile(fn)
+        with forced_backend("torch"):
+            return compiled()
+
+    return call
 
 
 def implementations(workload: Workload, device, compile: bool = False) -> dict[str, Callable]:
