@@ -1,50 +1,259 @@
-"""Hutchinson divergence estimation: tr(J) = E[vᵀ J v] for probes with E[v vᵀ] = I."""
+"""Divergence estimation: tr(J) = E[vᵀ J v] for probes with E[v vᵀ] = I (mdm-math.md §5).
+
+Every probe is handled in one batched call: ``torch.func.jvp`` (w = J v) or ``torch.func.vjp``
+(w = Jᵀ v) under ``torch.func.vmap`` over the probes, in chunks of ``chunk_size`` probes to
+bound memory. The results stay differentiable (the ISM ELBO trains through them).
+
+A per-sample K×K **mixing** matrix N folds a constant linear map into the probe algebra: for
+fn: (B, K_in, *data) → (B, K_out, *data) and N (B, K_in, K_out) the estimate is of
+
+    ∇·((N ⊗ I) fn)(u) = tr((N ⊗ I) J) = E[vᵀ (N ⊗ I) J v]     (jvp: v over the input)
+                                      = E[(Jᵀ v)ᵀ (N ⊗ I) v]   (vjp: v over the output)
+
+so N never touches the network output tensor: per probe it is the reduction
+q = Σ_{k,l,j} v[k, j] N[k, l] w[l, j] (``fastmdm.kernels.hutchinson`` fuses it on GPU,
+regenerating v from its seed). For one probe, with S = (NJ + (NJ)ᵀ)/2,
+Var = 2 Σ_{i≠j} S_ij² (Rademacher) or 2‖S‖_F² (Gaussian).
+
+Probes are a function of an integer seed: on the Triton path probe entry i of the whole
+(P, B, K, d) set is Philox(seed, i) (any chunking gives the same probes); on the torch path
+probe p is drawn from a ``torch.Generator`` seeded with (seed, p).
+"""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+from torch.func import jvp, vjp, vmap
+
+from .backend import use_triton
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
+MODES = ("jvp", "vjp")
+MAX_FUSED_K = 8  # the fused reduction's limit on K_in, K_out
+SEED_BOUND = 2**31
+_PROBE_STREAM = 1_000_003  # torch path: probe p of seed s uses Generator.manual_seed(s·_PROBE_STREAM + p)
+
+
+def _check_choice(value, choices, name: str) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def _check_positive(value, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
 
 
 def sample_probes(shape, distribution: str = "rademacher", generator: torch.Generator | None = None,
                   dtype=None, device=None) -> Tensor:
-    """Probes v with E[v vᵀ] = I: Rademacher (±1) or standard Gaussian."""
-    if distribution == "rademacher":
-        v = torch.randint(0, 2, shape, generator=generator, device=device).to(dtype) * 2 - 1
-        return v
+    """Probes v with E[v vᵀ] = I from a torch generator: Rademacher (±1) or standard Gaussian."""
+    _check_choice(distribution, DISTRIBUTIONS, "distribution")
     if distribution == "gaussian":
         return torch.randn(shape, generator=generator, dtype=dtype, device=device)
-    raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+    return torch.randint(0, 2, shape, generator=generator, device=device).to(dtype) * 2 - 1
 
 
-def hutchinson_divergence(fn, u: Tensor, probes: int = 1, distribution: str = "rademacher",
-                          generator: torch.Generator | None = None,
-                          create_graph: bool = False) -> Tensor:
-    """Per-sample estimate of ∇·fn(u) = tr(∂fn/∂u) with ``probes`` vector–Jacobian products.
+def draw_seed(generator: torch.Generator | None = None) -> int:
+    """A probe seed in [0, 2³¹) drawn from ``generator`` (torch's default generator if None)."""
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, SEED_BOUND, (1,), generator=generator, device=device).item())
 
-    fn maps (B, …) to (B, …) of the same shape, sample-wise. Returns (B,).
+
+def materialize_probes(probes: int, sample_shape, seed: int, distribution: str = "rademacher",
+                       dtype: torch.dtype | None = None, device=None, first: int = 0) -> Tensor:
+    """Probes first … first + probes − 1 of ``seed``, shape (probes, *sample_shape).
+
+    Triton path: the kernel's Philox probes (bit-identical to what the fused reduction
+    regenerates); torch path: probe p from a generator seeded with (seed, p).
     """
-    with torch.enable_grad():
-        x = u if u.requires_grad else u.detach().requires_grad_(True)
-        out = fn(x)
-        return divergence_of_output(out, x, probes, distribution, generator, create_graph)
+    _check_choice(distribution, DISTRIBUTIONS, "distribution")
+    if not (isinstance(seed, int) and 0 <= seed < SEED_BOUND):
+        raise ValueError(f"seed must be an integer in [0, 2**31), got {seed!r}")
+    dtype = dtype or torch.get_default_dtype()
+    device = torch.device(device if device is not None else "cpu")
+    sample_shape = tuple(sample_shape)
+    if use_triton(device):
+        from .kernels.hutchinson import generate_probes
+
+        return generate_probes((probes, *sample_shape), seed, distribution, dtype, device,
+                               offset=first * math.prod(sample_shape))
+    out = torch.empty((probes, *sample_shape), dtype=dtype, device=device)
+    gen = torch.Generator(device=device)
+    for p in range(probes):
+        gen.manual_seed(seed * _PROBE_STREAM + first + p)
+        out[p] = sample_probes(sample_shape, distribution, gen, dtype, device)
+    return out
 
 
-def divergence_of_output(out: Tensor, x: Tensor, probes: int = 1,
-                         distribution: str = "rademacher",
-                         generator: torch.Generator | None = None,
-                         create_graph: bool = False) -> Tensor:
-    """Hutchinson estimate of ∇ₓ·out for an already computed out = fn(x) (x requires grad)."""
-    if not isinstance(probes, int) or probes < 1:
-        raise ValueError(f"probes must be a positive integer, got {probes!r}")
-    if out.shape != x.shape:
-        raise ValueError(f"fn must return the input's shape {tuple(x.shape)}, got {tuple(out.shape)}")
-    total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    for i in range(probes):
-        v = sample_probes(x.shape, distribution, generator, x.dtype, x.device)
-        (jtv,) = torch.autograd.grad(out, x, v, retain_graph=i < probes - 1 or create_graph,
-                                     create_graph=create_graph)
-        total = total + (v * jtv).flatten(1).sum(1)
-    return total / probes
+def probe_quadratic_forms(w: Tensor, mixing: Tensor, v: Tensor | None, seed: int,
+                          distribution: str = "rademacher", first: int = 0) -> Tensor:
+    """q[p, b] = Σ_{k,l,j} v[p, b, k, j] N[b, k, l] w[p, b, l, j], float64 (P, B).
+
+    w: (P, B, K_w, d); mixing N: float64 (B, K_v, K_w); v: the probes (P, B, K_v, d) from
+    ``materialize_probes(…, seed, distribution, first=first)``. The Triton path (K ≤ 8)
+    regenerates v from the seed and ignores ``v``; the torch path needs it.
+    """
+    kv, kw = mixing.shape[1], mixing.shape[2]
+    if use_triton(w.device) and max(kv, kw) <= MAX_FUSED_K:
+        from .kernels.hutchinson import probe_quadratic_forms as fused
+
+        return fused(w, mixing, seed, distribution, offset=first * w.shape[1] * kv * w.shape[-1])
+    if v is None:
+        raise ValueError("the torch path of probe_quadratic_forms needs the probes v")
+    work = torch.promote_types(w.dtype, torch.float32)
+    mixed = torch.einsum("bkl,pbkj->pblj", mixing.to(work), v.to(work))
+    return (mixed * w.to(work)).sum(-1).to(torch.float64).sum(-1)
+
+
+def _as_mixing(mixing, u: Tensor) -> Tensor:
+    """Mixing as float64 (B, K_in, K_out), K_in = u.shape[1]."""
+    if not isinstance(mixing, Tensor):
+        raise TypeError("mixing must be a tensor (K_in, K_out) or (B, K_in, K_out), "
+                        f"got {type(mixing).__name__}")
+    if u.dim() < 2:
+        raise ValueError(f"with a mixing matrix u must be a state (B, K, *data), got shape {tuple(u.shape)}")
+    if mixing.dim() == 2:
+        mixing = mixing.expand(u.shape[0], *mixing.shape)
+    if mixing.dim() != 3 or mixing.shape[0] != u.shape[0] or mixing.shape[1] != u.shape[1]:
+        raise ValueError(f"mixing must have shape (K_in, K_out) or (B, K_in, K_out) with B={u.shape[0]}, "
+                         f"K_in={u.shape[1]}, got {tuple(mixing.shape)}")
+    if mixing.device != u.device:
+        raise ValueError(f"mixing is on {mixing.device} but u is on {u.device}")
+    return mixing.to(torch.float64)
+
+
+def _check_input(fn, u: Tensor) -> None:
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    if not isinstance(u, Tensor) or not u.is_floating_point():
+        raise TypeError(f"u must be a floating-point tensor, got {getattr(u, 'dtype', type(u).__name__)}")
+    if u.dim() < 1 or u.shape[0] < 1 or u[0].numel() < 1:
+        raise ValueError(f"u must have shape (B, …) with B >= 1 and a non-empty sample, got {tuple(u.shape)}")
+
+
+def _variables(u: Tensor, out: Tensor, mixing: Tensor | None) -> tuple[Tensor, int, int, int]:
+    """Validate fn's output; return (N (B, K_in, K_out) float64, K_in, K_out, d)."""
+    if not isinstance(out, Tensor):
+        raise TypeError(f"fn must return a tensor, got {type(out).__name__}")
+    if mixing is None:
+        if out.shape != u.shape:
+            raise ValueError(f"fn must return the input's shape {tuple(u.shape)}, got {tuple(out.shape)}")
+        ones = torch.ones((u.shape[0], 1, 1), dtype=torch.float64, device=u.device)
+        return ones, 1, 1, u[0].numel()
+    k_in, k_out = mixing.shape[1], mixing.shape[2]
+    expected = (u.shape[0], k_out, *u.shape[2:])
+    if tuple(out.shape) != expected:
+        raise ValueError(f"fn must return shape {expected} (K_out = mixing.shape[-1]), "
+                         f"got {tuple(out.shape)}")
+    return mixing, k_in, k_out, u[0, 0].numel()
+
+
+def probe_estimates(fn, u: Tensor, probes: int = 1, *, distribution: str = "rademacher",
+                    mode: str = "jvp", seed: int | None = None, mixing: Tensor | None = None,
+                    chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """One estimate per probe of ∇·((N ⊗ I) fn)(u): returns (q (P, B) float64, fn(u)).
+
+    q[p] = v_pᵀ (N ⊗ I) J v_p (jvp) or (Jᵀ v_p)ᵀ (N ⊗ I) v_p (vjp); N = 1 without mixing.
+    All probes in one vmapped JVP/VJP per chunk of ``chunk_size`` probes (default: all).
+    """
+    _check_input(fn, u)
+    _check_positive(probes, "probes")
+    _check_choice(distribution, DISTRIBUTIONS, "distribution")
+    _check_choice(mode, MODES, "mode")
+    chunk = probes if chunk_size is None else _check_positive(chunk_size, "chunk_size")
+    seed = draw_seed() if seed is None else seed
+    mix = None if mixing is None else _as_mixing(mixing, u)
+    B = u.shape[0]
+    estimates, out, pullback = [], None, None
+    for first in range(0, probes, chunk):
+        n = min(chunk, probes - first)
+        if mode == "jvp":
+            v = materialize_probes(n, u.shape, seed, distribution, u.dtype, u.device, first)
+            out, w = vmap(lambda t: jvp(fn, (u,), (t,)), out_dims=(None, 0), randomness="same")(v)
+            N, k_in, k_out, d = _variables(u, out, mix)
+            q = probe_quadratic_forms(w.reshape(n, B, k_out, d), N, v.view(n, B, k_in, d), seed,
+                                      distribution, first)
+        else:
+            if pullback is None:
+                out, pullback = vjp(fn, u)
+                N, k_in, k_out, d = _variables(u, out, mix)
+            v = materialize_probes(n, out.shape, seed, distribution, out.dtype, u.device, first)
+            (w,) = vmap(pullback, randomness="same")(v)
+            q = probe_quadratic_forms(w.reshape(n, B, k_in, d).to(v.dtype), N.transpose(1, 2),
+                                      v.view(n, B, k_out, d), seed, distribution, first)
+        estimates.append(q)
+    return torch.cat(estimates), out
+
+
+def exact_divergence_and_output(fn, u: Tensor, mixing: Tensor | None = None,
+                                chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """tr((N ⊗ I) J) exactly, one JVP per input coordinate (vmapped in chunks): ((B,) float64, fn(u)).
+
+    With e_i the i-th basis vector of one sample's input (coordinate (k, j)):
+    tr((N ⊗ I) J) = Σ_i Σ_l N[k, l] (J e_i)[l, j].
+    """
+    _check_input(fn, u)
+    mix = None if mixing is None else _as_mixing(mixing, u)
+    B, n_in = u.shape[0], u[0].numel()
+    chunk = n_in if chunk_size is None else _check_positive(chunk_size, "chunk_size")
+    total = torch.zeros(B, dtype=torch.float64, device=u.device)
+    out = None
+    for first in range(0, n_in, chunk):
+        index = torch.arange(first, min(first + chunk, n_in), device=u.device)
+        basis = torch.zeros((index.numel(), n_in), dtype=u.dtype, device=u.device)
+        basis[torch.arange(index.numel(), device=u.device), index] = 1
+        tangents = basis.view(index.numel(), 1, *u.shape[1:]).expand(index.numel(), *u.shape)
+        out, w = vmap(lambda t: jvp(fn, (u,), (t,)), out_dims=(None, 0), randomness="same")(tangents)
+        N, _, k_out, d = _variables(u, out, mix)
+        k, j = index // d, index % d
+        picked = w.reshape(index.numel(), B, k_out, d)[torch.arange(index.numel(), device=u.device), :, :, j]
+        total = total + torch.einsum("cbl,bcl->b", picked.to(torch.float64), N[:, k, :])
+    return total, out
+
+
+def divergence_and_output(fn, u: Tensor, mixing: Tensor | None = None, *, exact: bool = False,
+                          probes: int = 1, distribution: str = "rademacher", mode: str = "jvp",
+                          seed: int | None = None, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """(∇·((N ⊗ I) fn)(u) (B,) float64, fn(u)): exact, or the mean of ``probes`` probes of ``seed``."""
+    if exact:
+        return exact_divergence_and_output(fn, u, mixing, chunk_size)
+    q, out = probe_estimates(fn, u, probes, distribution=distribution, mode=mode, seed=seed,
+                             mixing=mixing, chunk_size=chunk_size)
+    return q.mean(0), out
+
+
+def hutchinson_divergence(fn, u: Tensor, probes: int = 10, distribution: str = "rademacher",
+                          mode: str = "jvp", generator: torch.Generator | None = None, *,
+                          mixing: Tensor | None = None, chunk_size: int | None = None,
+                          return_stderr: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Hutchinson estimate of ∇·fn(u) = tr(∂fn/∂u) per sample, (B,) in u's dtype.
+
+    fn maps (B, …) to the same shape, sample-wise. ``probes`` Rademacher or Gaussian probes,
+    all in one batched JVP (``mode="jvp"``) or VJP (``"vjp"``) call per ``chunk_size`` probes.
+    ``mixing`` N (K_in, K_out) or (B, K_in, K_out): estimate ∇·((N ⊗ I) fn) for
+    fn: (B, K_in, *data) → (B, K_out, *data) without applying N to fn's output.
+    ``return_stderr``: also the per-sample standard error std_p(q_p)/√P (needs probes ≥ 2).
+    Differentiable (in fn's parameters, u and N).
+    """
+    if return_stderr and (not isinstance(probes, int) or probes < 2):
+        raise ValueError(f"return_stderr needs probes >= 2, got {probes!r}")
+    q, _ = probe_estimates(fn, u, probes, distribution=distribution, mode=mode,
+                           seed=draw_seed(generator), mixing=mixing, chunk_size=chunk_size)
+    div = q.mean(0).to(u.dtype)
+    if return_stderr:
+        return div, (q.std(0, correction=1) / math.sqrt(probes)).to(u.dtype)
+    return div
+
+
+def exact_divergence(fn, u: Tensor, *, mixing: Tensor | None = None,
+                     chunk_size: int | None = None) -> Tensor:
+    """∇·fn(u) (or ∇·((N ⊗ I) fn)) exactly, one JVP per coordinate, (B,) in u's dtype.
+
+    Cost grows with the sample size: for small dimensions and tests.
+    """
+    return exact_divergence_and_output(fn, u, mixing, chunk_size)[0].to(u.dtype)

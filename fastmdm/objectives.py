@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 
 from .diffusion import LinearDiffusion
-from .divergence import divergence_of_output
+from .divergence import draw_seed
 from .importance import sample_time
+from .likelihood import score_linear_field, score_of
 from .ops import apply_kk, data_dim, sum_data
 from .scores import check_output, check_prediction, score_from_output
 from .transition import TransitionKernel
@@ -161,20 +162,17 @@ def ism_elbo(model, diffusion: LinearDiffusion, x0: Tensor, prediction: str = "e
              generator: torch.Generator | None = None) -> Tensor:
     """Negative ELBO per sample (nats, (B,)) with the implicit score-matching integrand.
 
-    ∇·(2βD s) by Hutchinson with ``probes`` Rademacher probes (differentiable).
+    ∇·(2βD s) by Hutchinson with ``probes`` Rademacher probes in one batched JVP, the mixing
+    2βD C_y (C_y = −L_t⁻ᵀ for noise prediction) folded into the probe reduction
+    (fastmdm.likelihood.score_linear_field); differentiable.
     """
     d = data_dim(x0.shape)
 
     def integrand(u, eps, t64, tk):
         two_beta_d = 2 * diffusion.beta(t64)[:, None, None] * diffusion.D.to(u.device)
-        differentiable = torch.is_grad_enabled()
-        with torch.enable_grad():
-            x = u.detach().requires_grad_(True)
-            score = score_from_output(call_model(model, x, t64, prediction), x, tk, prediction)
-            g = apply_kk(two_beta_d, score)  # GGᵀ s
-            div = divergence_of_output(g, x, probes, generator=generator,
-                                       create_graph=differentiable)
+        probe_options = dict(probes=probes, seed=draw_seed(generator))
+        field = score_linear_field(model, diffusion, prediction, u, t64, None, two_beta_d, probe_options, tk)
         const = drift_divergence(diffusion, t64, d).to(u.dtype)
-        return -0.5 * sum_data(score * g) - div + const
+        return -0.5 * sum_data(score_of(field, u) * field.value) - field.divergence.to(u.dtype) + const
 
     return _elbo_terms(model, diffusion, x0, prediction, importance, generator, t, integrand)
