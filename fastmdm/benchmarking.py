@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import logging
 import math
 import os
 import platform
@@ -276,6 +277,7 @@ CASES: dict[str, Case] = {
 class Preset:
     """Sizes per case and the time allowed to each measurement and to torch.compile."""
 
+    name: str
     sizes: dict[str, tuple[Size, ...]]
     budget_s: float  # time spent sampling one (case, size, impl)
     min_samples: int
@@ -283,6 +285,7 @@ class Preset:
     compile: bool
     compile_budget_s: float  # total compile time after which compile rows become "n/a"
     copy_bytes: int
+    compile_cases: tuple[str, ...] | None = None  # cases with a compile column (None: all)
 
 
 def _grid(Bs, Ks, ds, **extra) -> tuple[Size, ...]:
@@ -292,6 +295,7 @@ def _grid(Bs, Ks, ds, **extra) -> tuple[Size, ...]:
 
 PRESET_CONFIGS: dict[str, Preset] = {
     "tiny": Preset(
+        name="tiny",
         sizes={
             "transition": _grid([4], [2], [1]),
             "perturb": _grid([4], [2], [3]),
@@ -305,6 +309,7 @@ PRESET_CONFIGS: dict[str, Preset] = {
         copy_bytes=1 << 20,
     ),
     "quick": Preset(
+        name="quick",
         sizes={
             "transition": _grid([512], [2, 3, 6], [1]),
             "perturb": _grid([512], [3], [2, 784]),
@@ -315,9 +320,10 @@ PRESET_CONFIGS: dict[str, Preset] = {
             "train_step": _grid([256], [3], [2, 784]),
         },
         budget_s=0.5, min_samples=5, max_samples=200, compile=True, compile_budget_s=120.0,
-        copy_bytes=64 << 20,
+        copy_bytes=64 << 20, compile_cases=("perturb", "dsm_loss"),
     ),
     "full": Preset(
+        name="full",
         sizes={
             "transition": _grid([64, 512, 4096], [1, 2, 3, 6], [1]),
             "perturb": _grid([64, 512, 4096], [1, 2, 3, 6], [2, 784, 3072]),
@@ -421,6 +427,18 @@ def _under_backend(fn: Callable[[], object], name: str) -> Callable[[], object]:
     return call
 
 
+@contextlib.contextmanager
+def _quiet_dynamo():
+    """Silence dynamo's graph-break warnings (a graph break is fine: the column is "where it works")."""
+    logger = logging.getLogger("torch._dynamo")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _compiled(fn: Callable[[], object]) -> Callable[[], object]:
     """torch.compile of the torch path, built on the first call (which then also compiles).
 
@@ -433,7 +451,7 @@ def _compiled(fn: Callable[[], object]) -> Callable[[], object]:
         if compiled is None:
             torch._dynamo.reset()
             compiled = torch.compile(fn)
-        with forced_backend("torch"):
+        with forced_backend("torch"), _quiet_dynamo():
             return compiled()
 
     return call
@@ -499,6 +517,48 @@ def compute_ratios(rows: list[dict]) -> list[dict]:
     return ratios
 
 
+def _case_rows(case: Case, size: Size, device, dtype, config: Preset, compile: bool,
+               copy_gbps: float, compile_clock: list[float], log: Callable[[str], None]) -> list[dict]:
+    """Rows of one (case, size): every implementation timed, or the reason it was not.
+
+    ``compile_clock`` holds the compile seconds spent so far in the run (updated here).
+    """
+    compile_here = compile and (config.compile_cases is None or case.name in config.compile_cases)
+    try:
+        workload = case.build(size, device, dtype)
+        impls = implementations(workload, device, compile=compile_here)
+    except Exception as err:  # noqa: BLE001 -- a missing module or broken case becomes a row, not a crash
+        status = "skipped" if isinstance(err, CaseSkipped) else "failed"
+        reason = str(err) if status == "skipped" else _reason(err)
+        log(f"{case.name:<13} {size.label():<28} {status}: {reason}")
+        return [_row(case, size, "fast", device, dtype, status, reason=reason)]
+    rows = []
+    if compile and not compile_here:
+        rows.append(_row(case, size, "compile", device, dtype, "n/a",
+                         reason=f"the {config.name} preset compiles only {', '.join(config.compile_cases)}"))
+    for impl, fn in impls.items():
+        if impl == "compile" and compile_clock[0] >= config.compile_budget_s:
+            rows.append(_row(case, size, impl, device, dtype, "n/a",
+                             reason=f"compile budget of {config.compile_budget_s:.0f} s spent"))
+            continue
+        begin = time.perf_counter()
+        try:
+            timing = measure(fn, device, budget_s=config.budget_s, min_samples=config.min_samples,
+                             max_samples=config.max_samples)
+            row = _row(case, size, impl, device, dtype, "ok", timing,
+                       floor_bytes=workload.floor_bytes, copy_gbps=copy_gbps)
+        except Exception as err:  # noqa: BLE001 -- recorded with its reason
+            row = _row(case, size, impl, device, dtype, "n/a" if impl == "compile" else "failed",
+                       reason=_reason(err))
+        if impl == "compile":
+            compile_clock[0] += time.perf_counter() - begin
+            torch._dynamo.reset()
+        rows.append(row)
+        shown = f"{row['median_s'] * 1e3:10.3f} ms" if row["status"] == "ok" else row["status"]
+        log(f"{case.name:<13} {size.label():<28} {impl:<9} {shown} {row.get('reason', '')}")
+    return rows
+
+
 def run_suite(preset: str = "quick", device=None, *, dtype: torch.dtype = torch.float32,
               compile: bool | None = None, cases: list[str] | None = None,
               log: Callable[[str], None] | None = print) -> dict:
@@ -516,41 +576,10 @@ def run_suite(preset: str = "quick", device=None, *, dtype: torch.dtype = torch.
     started = time.perf_counter()
     copy_gbps = copy_bandwidth(device, config.copy_bytes)
     log(f"copy bandwidth on {device}: {copy_gbps:.1f} GB/s")
-    rows, compile_spent = [], 0.0
+    rows, compile_clock = [], [0.0]
     for case, size in iter_cases(preset):
-        if cases is not None and case.name not in cases:
-            continue
-        try:
-            workload = case.build(size, device, dtype)
-            impls = implementations(workload, device, compile=compile)
-        except CaseSkipped as err:
-            rows.append(_row(case, size, "fast", device, dtype, "skipped", reason=str(err)))
-            log(f"{case.name:<13} {size.label():<28} skipped: {err}")
-            continue
-        except Exception as err:  # noqa: BLE001 -- a broken case becomes a "failed" row, not a crash
-            rows.append(_row(case, size, "fast", device, dtype, "failed", reason=_reason(err)))
-            log(f"{case.name:<13} {size.label():<28} failed: {_reason(err)}")
-            continue
-        for impl, fn in impls.items():
-            if impl == "compile" and compile_spent >= config.compile_budget_s:
-                rows.append(_row(case, size, impl, device, dtype, "n/a",
-                                 reason=f"compile budget of {config.compile_budget_s:.0f} s spent"))
-                continue
-            begin = time.perf_counter()
-            try:
-                timing = measure(fn, device, budget_s=config.budget_s, min_samples=config.min_samples,
-                                 max_samples=config.max_samples)
-                row = _row(case, size, impl, device, dtype, "ok", timing,
-                           floor_bytes=workload.floor_bytes, copy_gbps=copy_gbps)
-            except Exception as err:  # noqa: BLE001 -- recorded with its reason
-                status = "n/a" if impl == "compile" else "failed"
-                row = _row(case, size, impl, device, dtype, status, reason=_reason(err))
-            if impl == "compile":
-                compile_spent += time.perf_counter() - begin
-                torch._dynamo.reset()
-            rows.append(row)
-            shown = f"{row['median_s'] * 1e3:10.3f} ms" if row["status"] == "ok" else row["status"]
-            log(f"{case.name:<13} {size.label():<28} {impl:<9} {shown} {row.get('reason', '')}")
+        if cases is None or case.name in cases:
+            rows += _case_rows(case, size, device, dtype, config, compile, copy_gbps, compile_clock, log)
     return {
         "schema_version": SCHEMA_VERSION,
         "metadata": _metadata(preset, device, dtype, compile, config, copy_gbps,
