@@ -75,15 +75,16 @@ class FieldEvaluation(NamedTuple):
     coefficients: ScoreCoefficients
 
 
-def score_coefficients(tk: TransitionKernel, prediction: str) -> ScoreCoefficients:
-    """(C_y, C_u) of s = C_y y + C_u u from the hybrid-start kernel at t (float64)."""
+def score_coefficients(diffusion: LinearDiffusion, t64: Tensor, prediction: str,
+                       tk: TransitionKernel | None = None) -> ScoreCoefficients:
+    """(C_y, C_u) of s = C_y y + C_u u (float64); ``tk``: the hybrid-start kernel at t if known."""
     check_prediction(prediction)
-    B, K = tk.chol_inv_t.shape[:2]
+    B, K = t64.shape[0], diffusion.K
+    if prediction == "score":  # no kernel needed
+        return ScoreCoefficients(torch.eye(K, dtype=torch.float64, device=t64.device).expand(B, K, K), None)
+    tk = diffusion.transition_f64(t64, "hybrid") if tk is None else tk
     if prediction == "eps":
         return ScoreCoefficients(-tk.chol_inv_t, None)
-    if prediction == "score":
-        eye = torch.eye(K, dtype=tk.chol_inv_t.dtype, device=tk.chol_inv_t.device)
-        return ScoreCoefficients(eye.expand(B, K, K), None)
     precision = tk.chol_inv_t @ tk.chol_inv_t.transpose(-1, -2)  # Σ⁻¹ = L⁻ᵀ L⁻¹
     return ScoreCoefficients(precision @ tk.mean_coef[:, :, :1], -precision)
 
@@ -112,8 +113,7 @@ def score_linear_field(model, diffusion: LinearDiffusion, prediction: str, u: Te
     (exact, probes, distribution, mode, seed, chunk_size); None: one plain network call.
     """
     d = data_dim(u.shape[1:])
-    tk = diffusion.transition_f64(t64, "hybrid") if tk is None else tk
-    coef = score_coefficients(tk, prediction)
+    coef = score_coefficients(diffusion, t64, prediction, tk)
     state = state_mat
     if coef.state is not None:
         state = score_mat @ coef.state if state is None else state + score_mat @ coef.state
