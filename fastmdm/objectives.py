@@ -23,6 +23,7 @@ from .divergence import draw_seed
 from .importance import sample_time
 from .likelihood import score_linear_field, score_of
 from .ops import apply_kk, data_dim, sum_data
+from .profiling import stage
 from .scores import check_output, check_prediction, score_from_output
 from .transition import TransitionKernel
 
@@ -126,10 +127,13 @@ def _elbo_terms(model, diffusion, x0, prediction, importance, generator, t, inte
     t64, pdf = _time(diffusion, x0, t, importance, generator)
     u, eps = diffusion.perturb(x0, t64, generator=generator)
     tk = diffusion.transition_f64(t64, "hybrid")
-    ell = integrand(u, eps, t64, tk)  # (B,)
+    with stage("elbo.integrand"):
+        ell = integrand(u, eps, t64, tk)  # (B,)
     integral = ell / pdf.to(ell.dtype)
-    offset = tmin_offset(model, diffusion, x0, prediction, generator)
-    elbo = -prior_cross_entropy(diffusion, x0).to(x0.dtype) + integral + offset
+    with stage("elbo.tmin_offset"):
+        offset = tmin_offset(model, diffusion, x0, prediction, generator)
+    with stage("elbo.prior"):
+        elbo = -prior_cross_entropy(diffusion, x0).to(x0.dtype) + integral + offset
     return -(elbo + aux_entropy(diffusion, x0))
 
 
