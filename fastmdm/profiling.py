@@ -74,19 +74,13 @@ def _workload(what: str, device: torch.device, batch: int) -> Callable[[], objec
     """One step of the profiled workload, as a zero-argument callable."""
     diffusion, model, x0 = _toy_setup(device, batch)
     if what == "train":
-        from .objectives import noise_prediction_loss
+        from .training import MDM, Trainer
 
-        params = list(model.parameters()) + list(diffusion.parameters())
-        optimizer = torch.optim.Adam(params, lr=1e-3)
+        trainer = Trainer(MDM(diffusion, model), lr=1e-3, warmup=1)
 
         def step():
             with stage("train_step"):
-                optimizer.zero_grad(set_to_none=True)
-                loss = noise_prediction_loss(model, diffusion, x0).mean()
-                with stage("backward"):
-                    loss.backward()
-                optimizer.step()
-            return loss
+                return trainer.train_step(x0)
 
         return step
     if what == "sample":
