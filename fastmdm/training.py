@@ -226,12 +226,16 @@ class MDM(nn.Module):
         """Bits per dim per sample (B,): from the ELBO ("elbo", a bound) or the probability-flow ODE ("ode").
 
         bpd = −log p(x̃) / (d ln 2) + log₂ n for n-level data (no log₂ n term for continuous data).
+        ``ode_kwargs`` go to :func:`fastmdm.likelihood.ode_log_likelihood` (its ``method`` is
+        passed as ``ode_method``).
         """
         if method == "elbo":
             if ode_kwargs:
                 raise TypeError(f"unexpected arguments for method='elbo': {sorted(ode_kwargs)}")
             logp = self.elbo(x, generator, repeats, use_ema)
         elif method == "ode":
+            if "ode_method" in ode_kwargs:
+                ode_kwargs["method"] = ode_kwargs.pop("ode_method")
             logp = self.ode_log_likelihood(x, generator, use_ema, **ode_kwargs)
         else:
             raise ValueError(f"method must be 'elbo' or 'ode', got {method!r}")

@@ -1,0 +1,182 @@
+"""The MDM module and Trainer: loss decreases, BPD, EMA, warm-up, clipping, exact resume, bad input."""
+
+import io
+import math
+
+import pytest
+import torch
+
+import fastmdm as fm
+from fastmdm.data import DataTransform, load_toy
+from fastmdm.models import MLPScore, UNetScore
+from fastmdm.training import MDM, Trainer, load_checkpoint, make_diffusion, read_checkpoint
+
+DIFFUSIONS = [("vpsde", None), ("cld", None), ("alda", None), ("malda", 3), ("learned", 2), ("learned", 3)]
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_toy("8gaussians", seed=0, n=2000).train
+
+
+def _mdm(kind="cld", K=None, hidden=32, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    diffusion = make_diffusion(kind, K)
+    return MDM(diffusion, MLPScore((2,), diffusion.K, hidden=hidden, layers=2), **kwargs)
+
+
+@pytest.mark.parametrize("kind,K", DIFFUSIONS)
+def test_short_training_lowers_the_loss(toy, kind, K):
+    trainer = Trainer(_mdm(kind, K), lr=3e-3, warmup=5)
+    trainer.fit(toy, 80, 128)
+    loss = torch.tensor(trainer.history["loss"], dtype=torch.float64)
+    first, last = loss[:15], loss[-15:]
+    # the mean over the last steps lies below the first ones by more than 4 standard errors
+    se = math.sqrt(first.var() / 15 + last.var() / 15)
+    assert last.mean() < first.mean() - 4 * se, (first.mean().item(), last.mean().item())
+
+
+def test_learned_matrices_are_trained(toy):
+    mdm = _mdm("learned", 3)
+    Q0, D0 = mdm.diffusion.Q.detach().clone(), mdm.diffusion.D.detach().clone()
+    Trainer(mdm, lr=1e-2, warmup=1).fit(toy, 5, 64)
+    assert (mdm.diffusion.Q - Q0).abs().max() > 1e-3 and (mdm.diffusion.D - D0).abs().max() > 1e-3
+    torch.testing.assert_close(mdm.diffusion.Q, -mdm.diffusion.Q.T)
+
+
+def test_elbo_bpd_batched_matches_per_sample(toy):
+    """Same expectation whether a sample is scored alone or in a batch (z-test over R draws)."""
+    mdm = _mdm("cld")
+    Trainer(mdm, lr=3e-3, warmup=5).fit(toy, 30, 128)
+    x, R = toy[:4], 64
+    gen = torch.Generator().manual_seed(0)
+    batched = mdm.bpd(x.repeat(R, 1), generator=gen).view(R, 4)
+    single = torch.stack([mdm.bpd(x[i: i + 1].repeat(R, 1), generator=gen) for i in range(4)], 1)
+    assert torch.isfinite(batched).all() and torch.isfinite(single).all()
+    se = (batched.var(0) / R + single.var(0) / R).sqrt()
+    assert ((batched.mean(0) - single.mean(0)).abs() < 5 * se).all()
+
+
+def test_ode_bpd_batched_matches_per_sample(toy):
+    """Exact divergence on a fixed RK4 grid: deterministic, so batched and per-sample agree to rounding."""
+    mdm = _mdm("vpsde", hidden=16)
+    Trainer(mdm, lr=3e-3, warmup=5).fit(toy, 20, 128)
+    x = toy[:3].double()
+    mdm.double()
+    kw = dict(method="ode", exact_divergence=True, ode_method="rk4", steps=20)
+    batched = mdm.bpd(x, **kw)
+    single = torch.cat([mdm.bpd(x[i: i + 1], **kw) for i in range(3)])
+    assert torch.isfinite(batched).all()
+    torch.testing.assert_close(batched, single, rtol=1e-10, atol=1e-10)
+
+
+def test_digits_unet_bpd_is_finite_and_above_zero():
+    torch.manual_seed(0)
+    x = torch.randint(0, 17, (6, 1, 8, 8)).float() / 16
+    diffusion = fm.malda(3)
+    mdm = MDM(diffusion, UNetScore((1, 8, 8), 3, base=8), data_transform=DataTransform(17))
+    bpd = mdm.bpd(x, generator=torch.Generator().manual_seed(0))
+    assert bpd.shape == (6,) and torch.isfinite(bpd).all() and (bpd > 0).all()
+    loss = mdm.loss(x, torch.Generator().manual_seed(0))
+    # the training loss is −ELBO(x̃) in nats: bpd = loss / (d ln 2) + log2(17) for the same draws
+    d = 64
+    again = mdm.bpd(x, generator=torch.Generator().manual_seed(0), use_ema=False)
+    torch.testing.assert_close(again, loss.double() / (d * math.log(2)) + math.log2(17), rtol=1e-5, atol=1e-5)
+
+
+def test_ema_follows_the_documented_recursion_and_scope_restores(toy):
+    mdm = _mdm("vpsde", hidden=8, ema_decay=0.9)
+    trainer = Trainer(mdm, lr=1e-2, warmup=1)
+    params = mdm.trainable_parameters()
+    expected = [p.detach().clone() for p in params]
+    for n in range(4):
+        trainer.train_step(toy[:32])
+        decay = min(0.9, (1 + n) / (10 + n))
+        expected = [decay * e + (1 - decay) * p.detach() for e, p in zip(expected, params, strict=True)]
+    for e, s in zip(expected, mdm.ema.shadows(), strict=True):
+        torch.testing.assert_close(s, e)
+    live = [p.detach().clone() for p in params]
+    with mdm.ema_weights():
+        assert all(torch.equal(p, s) for p, s in zip(params, mdm.ema.shadows(), strict=True))
+    assert all(torch.equal(p, q) for p, q in zip(params, live, strict=True))
+
+
+def test_warmup_and_gradient_clipping(toy):
+    mdm = _mdm("cld", hidden=8)
+    sgd = torch.optim.SGD(mdm.trainable_parameters(), lr=0.5)
+    trainer = Trainer(mdm, sgd, warmup=4, grad_clip=1e-3)
+    for n in range(6):
+        assert sgd.param_groups[0]["lr"] == pytest.approx(0.5 * min(1.0, (n + 1) / 4))
+        before = torch.cat([p.detach().flatten() for p in mdm.trainable_parameters()])
+        lr = sgd.param_groups[0]["lr"]
+        trainer.train_step(toy[:64])
+        after = torch.cat([p.detach().flatten() for p in mdm.trainable_parameters()])
+        # plain SGD on a clipped gradient moves the weights by exactly lr · clip
+        assert (after - before).norm().item() == pytest.approx(lr * 1e-3, rel=1e-4)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd-momentum", "adamw"])
+def test_resume_reproduces_an_uninterrupted_run_exactly(toy, optimizer, tmp_path):
+    def make():
+        mdm = _mdm("learned", 2, hidden=16)
+        params = mdm.trainable_parameters()
+        opt = {"adam": lambda: torch.optim.Adam(params, lr=1e-3),
+               "sgd-momentum": lambda: torch.optim.SGD(params, lr=1e-2, momentum=0.9),
+               "adamw": lambda: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1)}[optimizer]()
+        return Trainer(mdm, opt, warmup=3, seed=7, config={"tag": optimizer})
+
+    straight = make()
+    straight.fit(toy, 6, 32)
+    first = make()
+    first.fit(toy, 3, 32, out_dir=str(tmp_path), checkpoint_every=3)
+    resumed = make()
+    resumed.load_state_dict(read_checkpoint(str(tmp_path)))
+    assert resumed.step_count == 3
+    resumed.fit(toy, 6, 32)
+    assert resumed.history["loss"] == straight.history["loss"]
+    for a, b in zip(straight.mdm.state_dict().values(), resumed.mdm.state_dict().values(), strict=True):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b)
+    buf_a, buf_b = io.BytesIO(), io.BytesIO()
+    torch.save(straight.optimizer.state_dict(), buf_a)
+    torch.save(resumed.optimizer.state_dict(), buf_b)
+    state_a = torch.load(io.BytesIO(buf_a.getvalue()))["state"]
+    state_b = torch.load(io.BytesIO(buf_b.getvalue()))["state"]
+    for key in state_a:
+        for name, value in state_a[key].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(state_b[key][name]))
+
+
+def test_bad_input_gives_clear_errors(toy, tmp_path):
+    mdm = _mdm("cld")
+    with pytest.raises(ValueError, match=r"x must have shape \(B, 2\)"):
+        mdm.loss(torch.randn(4, 3))
+    bad = toy[:4].clone()
+    bad[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        mdm.loss(bad)
+    with pytest.raises(ValueError, match="K=3 variables but the diffusion has K=2"):
+        MDM(fm.cld(), MLPScore((2,), 3))
+    with pytest.raises(ValueError, match="K=3 does not match diffusion 'cld'"):
+        make_diffusion("cld", 3)
+    with pytest.raises(ValueError, match="objective must be one of"):
+        MDM(fm.cld(), MLPScore((2,), 2), objective="vlb")
+    # a checkpoint from another diffusion: same K = 2, different (Q, D)
+    cld_state = mdm.state_dict()
+    with pytest.raises(ValueError, match="diffusion='cld'"):
+        _mdm("malda", 2).load_state_dict(cld_state)
+    with pytest.raises(ValueError, match="checkpoint mismatch"):
+        _mdm("malda", 3).load_state_dict(cld_state)
+    (tmp_path / "junk.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        load_checkpoint(str(tmp_path / "junk.pt"))
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_checkpoint(str(tmp_path / "nothing.pt"))
+
+
+def test_training_stops_on_a_non_finite_loss(toy):
+    mdm = _mdm("vpsde", hidden=8)
+    with torch.no_grad():
+        mdm.score_model.out.bias.fill_(float("inf"))
+    with pytest.raises(FloatingPointError, match="loss is"):
+        Trainer(mdm).train_step(toy[:8])
