@@ -89,6 +89,7 @@ class Workload:
     reference: Callable[[], object]
     fast: Callable[[], object] | None = None
     floor_bytes: int | None = None
+    note: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,6 +258,40 @@ def _build_train_step(size: Size, device, dtype) -> Workload:
     )
 
 
+EULER_MARUYAMA_NAMES = ("euler-maruyama", "em", "euler_maruyama", "sde-euler")
+
+
+def _build_sampling(size: Size, device, dtype) -> Workload:
+    """A sampling run of ``steps`` network evaluations from the prior (steps = 1: one step).
+
+    fastmdm.sample with its Euler–Maruyama solver when it has one (the reference's
+    algorithm), else its default solver at the same number of steps.
+    """
+    sample = _require("sampling", "sample")
+    if dtype != torch.get_default_dtype():
+        raise CaseSkipped(f"fastmdm.sample draws the prior in torch's default dtype, not {dtype}")
+    solvers = tuple(getattr(_require("sampling"), "SOLVERS", ()))
+    solver = next((name for name in EULER_MARUYAMA_NAMES if name in solvers), None)
+    diff = bench_diffusion(size.K, device)
+    net = _network(size, device, dtype)
+    Q, D = _matrices(diff, dtype)
+    ref_args = _reference_args(diff, dtype)
+    steps, shape = size.get("steps"), (size.B, size.d)
+    solver_args = {} if solver is None else {"solver": solver}
+
+    @torch.no_grad()
+    def fast():
+        return sample(net, diff, shape=shape, steps=steps, **solver_args)
+
+    @torch.no_grad()
+    def ref():
+        return reference.euler_maruyama_sample(net, Q, D, shape, steps=steps, t_min=diff.t_min,
+                                               T=diff.T, **ref_args)
+
+    return Workload(torch_path=fast, reference=ref,
+                    note=f"fastmdm solver: {solver or 'default'}; reference: Euler–Maruyama")
+
+
 CASES: dict[str, Case] = {
     case.name: case
     for case in (
@@ -266,6 +301,8 @@ CASES: dict[str, Case] = {
              memory_bound=True),
         Case("hutchinson", "Hutchinson divergence of an MLP, `probes` Rademacher probes",
              _build_hutchinson),
+        Case("sampler_step", "one sampler step from the prior (MLP, eps prediction)", _build_sampling),
+        Case("sample_run", "a whole sampling run of `steps` network evaluations", _build_sampling),
         Case("train_step", "zero_grad + noise-prediction loss + backward + Adam step (MLP)",
              _build_train_step),
     )
@@ -301,7 +338,7 @@ PRESET_CONFIGS: dict[str, Preset] = {
             "perturb": _grid([4], [2], [3]),
             "dsm_loss": _grid([4], [2], [3]),
             "hutchinson": _grid([4], [2], [3], probes=2),
-            "sampler_step": _grid([4], [2], [3]),
+            "sampler_step": _grid([4], [2], [3], steps=1),
             "sample_run": _grid([4], [2], [3], steps=2),
             "train_step": _grid([4], [2], [3]),
         },
@@ -315,7 +352,7 @@ PRESET_CONFIGS: dict[str, Preset] = {
             "perturb": _grid([512], [3], [2, 784]),
             "dsm_loss": _grid([512], [3], [2, 784]),
             "hutchinson": _grid([128], [3], [2], probes=8) + _grid([64], [3], [784], probes=4),
-            "sampler_step": _grid([512], [3], [2, 784]),
+            "sampler_step": _grid([512], [3], [2, 784], steps=1),
             "sample_run": _grid([128], [3], [2], steps=20),
             "train_step": _grid([256], [3], [2, 784]),
         },
@@ -329,7 +366,7 @@ PRESET_CONFIGS: dict[str, Preset] = {
             "perturb": _grid([64, 512, 4096], [1, 2, 3, 6], [2, 784, 3072]),
             "dsm_loss": _grid([64, 512, 4096], [1, 2, 3, 6], [2, 784, 3072]),
             "hutchinson": _grid([64, 512], [3], [2, 784], probes=8),
-            "sampler_step": _grid([512, 4096], [2, 3], [2, 784, 3072]),
+            "sampler_step": _grid([512, 4096], [2, 3], [2, 784, 3072], steps=1),
             "sample_run": _grid([512], [2, 3], [2, 784], steps=100),
             "train_step": _grid([512], [3], [2, 784, 3072]),
         },
@@ -553,6 +590,8 @@ def _case_rows(case: Case, size: Size, device, dtype, config: Preset, compile: b
         if impl == "compile":
             compile_clock[0] += time.perf_counter() - begin
             torch._dynamo.reset()
+        if workload.note:
+            row["note"] = workload.note
         rows.append(row)
         shown = f"{row['median_s'] * 1e3:10.3f} ms" if row["status"] == "ok" else row["status"]
         log(f"{case.name:<13} {size.label():<28} {impl:<9} {shown} {row.get('reason', '')}")
@@ -829,6 +868,9 @@ def render_markdown(report: dict) -> str:
         ratio_table(report),
         "",
     ]
+    notes = dict.fromkeys(f"{r['case']}: {r['note']}" for r in report["rows"] if r.get("note"))
+    if notes:
+        lines += ["## Case notes", "", *[f"- {note}" for note in notes], ""]
     if reasons:
         lines += ["## Columns not measured", ""]
         lines += [f"- {r['case']} {Size(r['B'], r['K'], r['d'], tuple(sorted(r['extra'].items()))).label()} "
