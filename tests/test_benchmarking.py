@@ -174,3 +174,24 @@ def test_bad_arguments_are_rejected():
         bm.run_suite("huge", "cpu", log=None)
     with pytest.raises(ValueError, match="cases"):
         bm.run_suite("tiny", "cpu", cases=["nope"], log=None)
+
+
+def test_targets_are_checked_only_on_gpu_reports(tiny_run):
+    report = copy.deepcopy(tiny_run[0])
+    assert bm.target_summary(report)[0].startswith("Not evaluated")
+    assert "Not evaluated" in bm.render_markdown(report)
+    report["metadata"]["device"]["type"] = "cuda"
+    perturb = next(r for r in report["rows"] if r["case"] == "perturb" and r["impl"] == "fast")
+    perturb["fraction_of_copy"] = 0.3
+    ratio = next(r for r in report["ratios"] if r["case"] == "transition")
+    ratio["fast_over_reference"] = 2.0
+    for row in report["rows"]:  # everything else on target
+        if row is not perturb and "fraction_of_copy" in row:
+            row["fraction_of_copy"] = 0.9
+    for other in report["ratios"]:
+        if other is not ratio:
+            other["fast_over_reference"] = 0.5
+    misses = bm.target_summary(report)
+    assert len(misses) == 2
+    assert "perturb" in misses[0] and "30%" in misses[0]
+    assert "transition" in misses[1] and "not ahead" in misses[1]
