@@ -666,13 +666,17 @@ def _device_name(device: torch.device) -> str:
     return _cpu_name()
 
 
+COMMAND_ENV = ("OMP_NUM_THREADS", "FASTMDM_BACKEND", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")
+
+
 def default_command() -> str:
-    """The command line that started this process, as a user would type it."""
+    """The command line that started this process, as a user would type it (with the env it reads)."""
     argv = list(sys.argv)
     head = Path(argv[0]).name if argv else "python"
     if head in ("cli.py", "__main__.py"):
         head = "python -m fastmdm.cli"
-    return " ".join([head] + [shlex.quote(a) for a in argv[1:]])
+    env = [f"{name}={shlex.quote(os.environ[name])}" for name in COMMAND_ENV if name in os.environ]
+    return " ".join(env + [head] + [shlex.quote(a) for a in argv[1:]])
 
 
 def _metadata(preset, device, dtype, compile, config, copy_gbps, elapsed) -> dict:
