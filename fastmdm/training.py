@@ -27,6 +27,7 @@ from .data import DataTransform, check_finite
 from .diffusion import LinearDiffusion, alda, cld, learned, malda, vpsde
 from .models import build_network
 from .objectives import dsm_elbo, ism_elbo, noise_prediction_loss
+from .profiling import stage
 from .scores import check_prediction
 
 OBJECTIVES = ("dsm", "ism", "noise")
@@ -335,17 +336,20 @@ class Trainer:
     def train_step(self, x: Tensor) -> float:
         """loss = mean over the batch; backward; clip; optimizer and warm-up steps; EMA update."""
         self.mdm.train()
-        loss = self.model(x, generator=self.noise_generator).mean()
+        with stage("train.loss"):
+            loss = self.model(x, generator=self.noise_generator).mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {self.step_count}; lower the learning "
                                      "rate or check the data")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.mdm.trainable_parameters(), self.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.mdm.update_ema()
+        with stage("train.backward"):
+            loss.backward()
+        with stage("train.optimizer"):
+            if self.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.mdm.trainable_parameters(), self.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.mdm.update_ema()
         self.step_count += 1
         return loss.item()
 
