@@ -38,14 +38,9 @@ def test_run_profile_writes_a_chrome_trace_and_ranks_ops(tmp_path, what, capsys)
     assert times == sorted(times, reverse=True) and times[-1] > 0
     assert not any(row["name"].startswith("fastmdm.") for row in top)
     assert "top" in capsys.readouterr().out
-
-
-def test_train_profile_names_the_training_stage(tmp_path):
-    result = profiling.run_profile("train", tmp_path, "cpu", steps=1, batch=16)
-    names = {event.get("name") for event in profiling.load_trace(result["trace"])["traceEvents"]}
-    # the workload's own range, and the stages named inside fastmdm's training step and ELBO
-    assert {"fastmdm.train_step", "fastmdm.train.loss", "fastmdm.train.backward",
-            "fastmdm.elbo.integrand"} <= names
+    if what == "train":  # the workload's own range and the stages named inside fastmdm's step and ELBO
+        assert {"fastmdm.train_step", "fastmdm.train.loss", "fastmdm.train.backward",
+                "fastmdm.elbo.integrand"} <= names
 
 
 def test_bad_arguments_are_rejected(tmp_path):
