@@ -364,7 +364,8 @@ class Trainer:
         """Train until ``steps`` total steps (continuing from step_count), checkpointing to out_dir.
 
         eval_data (if given) is scored every ``eval_every`` steps by the EMA ELBO in bits per dim;
-        callback(trainer, loss) runs after every step. Returns the history.
+        callback(trainer, loss) runs after every step. On KeyboardInterrupt the current step is
+        checkpointed before the exception propagates. Returns the history.
         """
         if not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
@@ -372,6 +373,15 @@ class Trainer:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.mdm.check_data(data, "data")
         path = checkpoint_path(out_dir) if out_dir else None
+        try:
+            self._loop(data, steps, batch_size, path, checkpoint_every, eval_data, eval_every, callback)
+        except KeyboardInterrupt:
+            if path:  # keep every completed step
+                self.save(path)
+            raise
+        return self.history
+
+    def _loop(self, data, steps, batch_size, path, checkpoint_every, eval_data, eval_every, callback) -> None:
         while self.step_count < steps:
             loss = self.train_step(self.batch(data, batch_size))
             self.history["step"].append(self.step_count)
@@ -383,7 +393,6 @@ class Trainer:
                 self.save(path)
             if callback is not None:
                 callback(self, loss)
-        return self.history
 
     def evaluate(self, x: Tensor) -> float:
         """Mean EMA ELBO bits per dim of x, with a fixed seed so evaluations are comparable."""

@@ -147,6 +147,26 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(toy, optimizer, tmp_path
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(state_b[key][name]))
 
 
+def test_interrupted_run_keeps_every_completed_step(toy, tmp_path):
+    def make():
+        return Trainer(_mdm("cld", hidden=8), warmup=2, seed=3)
+
+    straight = make()
+    straight.fit(toy, 10, 16)
+
+    def interrupt(trainer, loss):
+        if trainer.step_count == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        make().fit(toy, 10, 16, out_dir=str(tmp_path), checkpoint_every=5, callback=interrupt)
+    resumed = make()
+    resumed.load_state_dict(read_checkpoint(str(tmp_path / "checkpoint.pt")))
+    assert resumed.step_count == 7
+    resumed.fit(toy, 10, 16)
+    assert resumed.history["loss"] == straight.history["loss"]
+
+
 def test_bad_input_gives_clear_errors(toy, tmp_path):
     mdm = _mdm("cld")
     with pytest.raises(ValueError, match=r"x must have shape \(B, 2\)"):
