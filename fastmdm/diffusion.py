@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .backend import use_triton
 from .ops import apply_kk
-from .transition import TransitionKernel, expm_and_gramian, transition_kernel
+from .transition import TransitionKernel, expm_taylor, transition_kernel
 
 STARTS = ("hybrid", "full")
 TIME_SLACK = 1e-6  # relative rounding allowed at the ends of [t_min, T]
@@ -212,17 +212,16 @@ class LinearDiffusion(nn.Module):
         """Transition kernel in float64 for an already validated float64 t of shape (B,)."""
         aux_var = self._start_aux_var(start)
         A, two_d = self.A.to(t64.device), 2.0 * self.D.to(t64.device)
-        tau = self.tau(t64)
+        tau, var = self.tau(t64), self.stationary_var.to(t64.device)
         if use_triton(t64.device) and self.K <= MAX_TRITON_K:
             from .kernels.transition import transition_kernel_triton
 
-            return transition_kernel_triton(A, two_d, tau, aux_var)
-        return transition_kernel(A, two_d, tau, aux_var)
+            return transition_kernel_triton(A, two_d, tau, aux_var, var)
+        return transition_kernel(A, two_d, tau, aux_var, var)
 
     def flow(self, t_to: Tensor, t_from: Tensor) -> Tensor:
         """Φ(t_to, t_from) = exp((τ(t_to) − τ(t_from)) A) in float64, (B, K, K)."""
-        A = self.A.to(t_to.device)
-        return expm_and_gramian(A, torch.zeros_like(A), self.tau(t_to) - self.tau(t_from))[0]
+        return expm_taylor(self.A.to(t_to.device), self.tau(t_to) - self.tau(t_from))
 
     # -- the forward process on data ------------------------------------------------------
     def check_data(self, x: Tensor, start: str = "hybrid", name: str = "x0") -> None:
@@ -262,11 +261,15 @@ class LinearDiffusion(nn.Module):
         self.check_data(x0, start)
         t64 = self.check_time(t, batch=x0.shape[0], device=x0.device)
         shape = tuple(x0.shape) if start == "full" else (x0.shape[0], self.K, *x0.shape[1:])
-        if noise is None:
-            noise = torch.randn(shape, dtype=x0.dtype, device=x0.device, generator=generator)
-        elif tuple(noise.shape) != shape:
+        if noise is not None and tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
         tk = self.transition_f64(t64, start)
+        if use_triton(x0.device) and self.K <= MAX_TRITON_K:
+            from .kernels.perturb import perturb_transition
+
+            return perturb_transition(x0, tk, start, generator, noise)
+        if noise is None:
+            noise = torch.randn(shape, dtype=x0.dtype, device=x0.device, generator=generator)
         return self.mean(x0, tk, start) + apply_kk(tk.chol, noise), noise
 
     def prior_sample(self, shape, generator: torch.Generator | None = None,

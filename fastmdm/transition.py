@@ -9,9 +9,11 @@ Everything here is cancellation-free (mdm-math.md §2):
 
 * for τ‖A‖₂ ≤ 1, M by its Taylor series and P by the Lyapunov series
   P(τ) = Σₙ τⁿ⁺¹/(n+1)! 𝓛ⁿ(2D), 𝓛(X) = AX + XAᵀ;
-* beyond, scaling and squaring applied to the pair: with τ = 2ˢ τ', the
-  series at τ' and then s doublings P ← P + M P Mᵀ, M ← M M (from
-  P(2τ) = P(τ) + e^{τA} P(τ) e^{τAᵀ}, a sum of PSD terms, no subtraction);
+* beyond, M by scaling and squaring (Taylor at τ/2ˢ, then s squarings) and P by
+  the closed form P = Σ∞ − M Σ∞ Mᵀ (A Σ∞ + Σ∞ Aᵀ + 2D = 0). Once M is small the
+  closed form is exact to rounding even for Σ's tiny off-diagonal entries,
+  which the doubling P(2τ) = P(τ) + e^{τA} P(τ) e^{τAᵀ} is not (measured:
+  4e-9 relative for MALDA(5) at T against 1e-21);
 * the Cholesky factor in square-root form: Σ_t = X Xᵀ with
   X = [σ₀ M_t[:, 1:], chol P(τ)], so L_t = Rᵀ from the QR of Xᵀ.
 """
@@ -50,35 +52,43 @@ def _mT(X: Tensor) -> Tensor:
     return X.transpose(-1, -2)
 
 
-def expm_and_gramian(A: Tensor, two_d: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
-    """M = exp(τA) and P(τ) = ∫₀^τ e^{sA} 2D e^{sAᵀ} ds for a batch of τ (float64).
-
-    A, two_d: (K, K); tau: (B,), any sign for M (P needs τ ≥ 0). Returns (B, K, K) each.
-    Differentiable in A, two_d and tau.
-    """
-    K = A.shape[-1]
+def expm_taylor(A: Tensor, tau: Tensor) -> Tensor:
+    """M = exp(τA) for a batch of τ (any sign): Taylor series at τ/2ˢ, then s squarings."""
     s = squarings(A, tau)
-    tau_s = tau / torch.exp2(s.to(tau.dtype))
-    X = tau_s[:, None, None] * A  # (B, K, K): τ'A
-    eye = torch.eye(K, dtype=A.dtype, device=A.device).expand_as(X)
+    X = (tau / torch.exp2(s.to(tau.dtype)))[:, None, None] * A  # ‖X‖₂ ≤ 1
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(X)
     M, term = eye, eye
     for n in range(1, TAYLOR_TERMS + 1):
         term = term @ X / n
         M = M + term
-    term = tau_s[:, None, None] * two_d  # τ' 2D
+    for i in range(int(s.max().item()) if s.numel() else 0):
+        M = torch.where((s > i)[:, None, None], M @ M, M)
+    return M
+
+
+def expm_and_gramian(A: Tensor, two_d: Tensor, tau: Tensor,
+                     stationary_var: Tensor) -> tuple[Tensor, Tensor]:
+    """M = exp(τA) and P(τ) = ∫₀^τ e^{sA} 2D e^{sAᵀ} ds for a batch of τ ≥ 0 (float64).
+
+    A, two_d: (K, K) with A Σ∞ + Σ∞ Aᵀ + 2D = 0, Σ∞ = diag(stationary_var); tau: (B,).
+    P by the Lyapunov series while τ‖A‖₂ ≤ 1, else Σ∞ − M Σ∞ Mᵀ. Differentiable.
+    """
+    M = expm_taylor(A, tau)
+    norm = torch.linalg.matrix_norm(A.detach(), ord=2)
+    small = tau * norm <= 1.0
+    tau_series = torch.minimum(tau, 1.0 / norm)  # keeps the unused branch finite
+    X = tau_series[:, None, None] * A
+    term = tau_series[:, None, None] * two_d  # τ 2D
     P = term
     for n in range(1, LYAPUNOV_TERMS + 1):
         term = (X @ term + term @ _mT(X)) / (n + 1)
         P = P + term
-    for i in range(int(s.max().item()) if s.numel() else 0):
-        double = (s > i)[:, None, None]
-        P = torch.where(double, P + M @ P @ _mT(M), P)
-        M = torch.where(double, M @ M, M)
-    return M, P
+    closed = torch.diag(stationary_var) - (M * stationary_var) @ _mT(M)
+    return M, torch.where(small[:, None, None], P, closed)
 
 
 def transition_kernel(
-    A: Tensor, two_d: Tensor, tau: Tensor, init_aux_var: float | None
+    A: Tensor, two_d: Tensor, tau: Tensor, init_aux_var: float | None, stationary_var: Tensor
 ) -> TransitionKernel:
     """Mean coefficient, covariance, Cholesky factor and its inverse transpose (float64).
 
@@ -86,14 +96,14 @@ def transition_kernel(
     Σ₀ = diag(0, σ₀², …, σ₀²). Σ_t = M Σ₀ Mᵀ + P and L_t from the QR of
     [σ₀ M[:, 1:], chol P]ᵀ (square-root form, no inner products that cancel).
     """
-    M, P = expm_and_gramian(A, two_d, tau)
+    M, P = expm_and_gramian(A, two_d, tau, stationary_var)
     L = torch.linalg.cholesky(P)
     K = A.shape[-1]
     if init_aux_var is not None and K > 1:
         aux = (init_aux_var**0.5) * M[..., 1:]
         cov = aux @ _mT(aux) + P
         X = torch.cat([aux, L], dim=-1)  # (B, K, 2K-1), X Xᵀ = Σ_t
-        R = torch.linalg.qr(_mT(X), mode="r").R  # Xᵀ = Q R, Σ_t = Rᵀ R
+        R = torch.linalg.qr(_mT(X)).R  # Xᵀ = Q R, Σ_t = Rᵀ R (mode "r" has no backward)
         sign = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
         L = _mT(R * sign[..., :, None])
     else:
