@@ -217,7 +217,11 @@ class LinearDiffusion(nn.Module):
             from .kernels.transition import transition_kernel_triton
 
             return transition_kernel_triton(A, two_d, tau, aux_var, var)
-        return transition_kernel(A, two_d, tau, aux_var, var)
+        distinct, inverse = torch.unique(tau.detach(), return_inverse=True)
+        if tau.requires_grad or distinct.numel() == tau.numel():
+            return transition_kernel(A, two_d, tau, aux_var, var)
+        shared = transition_kernel(A, two_d, distinct, aux_var, var)  # one per distinct t
+        return TransitionKernel(*(m[inverse] for m in shared))
 
     def flow(self, t_to: Tensor, t_from: Tensor) -> Tensor:
         """Φ(t_to, t_from) = exp((τ(t_to) − τ(t_from)) A) in float64, (B, K, K)."""

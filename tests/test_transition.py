@@ -240,3 +240,12 @@ def test_module_gradients_reach_learned_parameters():
     (tk.cov.sum() + tk.chol_inv_t.sum() + tk.mean_coef.sum()).backward()
     for p in diff.parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+def test_shared_times_are_computed_once_and_broadcast():
+    diff = fm.malda(3)
+    t = torch.tensor([0.3, 0.01, 0.3, 0.3, 0.01], dtype=torch.float64)
+    shared = diff.transition(t)
+    each = [diff.transition(t[i : i + 1]) for i in range(len(t))]
+    for name, m in zip(shared._fields, shared, strict=True):
+        assert torch.equal(m, torch.cat([getattr(e, name) for e in each])), name
