@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .backend import use_triton
 from .ops import apply_kk
+from .profiling import staged
 from .transition import TransitionKernel, expm_taylor, transition_kernel
 
 STARTS = ("hybrid", "full")
@@ -208,6 +209,7 @@ class LinearDiffusion(nn.Module):
             device = t.device if isinstance(t, Tensor) else self.stationary_var.device
         return self.transition_f64(self.check_time(t, device=device), start).to(dtype)
 
+    @staged("transition")
     def transition_f64(self, t64: Tensor, start: str = "hybrid") -> TransitionKernel:
         """Transition kernel in float64 for an already validated float64 t of shape (B,)."""
         aux_var = self._start_aux_var(start)
@@ -254,6 +256,7 @@ class LinearDiffusion(nn.Module):
         a = tk.mean_coef[:, :, 0].to(m0.dtype)  # (B, K)
         return a.view(*a.shape, *([1] * (m0.dim() - 1))) * m0.unsqueeze(1)
 
+    @staged("perturb")
     def perturb(self, x0: Tensor, t, start: str = "hybrid", generator: torch.Generator | None = None,
                 noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Draw u_t = M_t m₀ + L_t ε, ε ~ N(0, I); returns (u_t, ε), each (B, K, *data_shape).
