@@ -35,6 +35,7 @@ import shlex
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -466,12 +467,14 @@ def _under_backend(fn: Callable[[], object], name: str) -> Callable[[], object]:
 
 @contextlib.contextmanager
 def _quiet_dynamo():
-    """Silence dynamo's graph-break warnings (a graph break is fine: the column is "where it works")."""
+    """Silence dynamo's graph-break and inductor's deprecation warnings (the column is "where it works")."""
     logger = logging.getLogger("torch._dynamo")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # deprecations inside inductor
+            yield
     finally:
         logger.setLevel(level)
 
@@ -908,9 +911,12 @@ def render_markdown(report: dict) -> str:
     if notes:
         lines += ["## Case notes", "", *[f"- {note}" for note in notes], ""]
     if reasons:
+        grouped: dict[tuple[str, str], list[str]] = {}
+        for r in reasons:
+            size = Size(r["B"], r["K"], r["d"], tuple(sorted(r["extra"].items()))).label()
+            grouped.setdefault((r["impl"], r["reason"]), []).append(f"{r['case']} {size}")
         lines += ["## Columns not measured", ""]
-        lines += [f"- {r['case']} {Size(r['B'], r['K'], r['d'], tuple(sorted(r['extra'].items()))).label()} "
-                  f"{r['impl']}: {r['reason']}" for r in reasons]
+        lines += [f"- {impl}: {reason} ({'; '.join(where)})" for (impl, reason), where in grouped.items()]
         lines.append("")
     return "\n".join(lines)
 
