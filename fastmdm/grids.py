@@ -1,0 +1,46 @@
+"""Time grids for the samplers, from T down to t_min (mdm-math.md §7), in float64.
+
+- "quadratic" (the published grid): t_i = T − (T − t_min)(1 − (1 − i/N)²), small steps near the data;
+- "uniform":   t_i = T − (T − t_min) i/N;
+- "logsnr":    uniform in φ(t) = log(e^{τ(t)} − 1) (minus the log-SNR of a VP-SDE), inverted in closed
+  form by τ = softplus(φ) and t = τ⁻¹(τ) — nearly uniform in log τ near the data.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .diffusion import LinearDiffusion
+from .importance import _phi, tau_inverse
+
+GRIDS = ("quadratic", "uniform", "logsnr")
+
+
+def check_steps(steps, name: str = "steps") -> int:
+    """Raise unless steps is an integer ≥ 1."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {steps!r}")
+    return steps
+
+
+def time_grid(diffusion: LinearDiffusion, steps: int, kind: str = "quadratic") -> Tensor:
+    """The N + 1 times t_0 = T > t_1 > … > t_N = t_min of a grid with N = ``steps`` steps (float64, CPU)."""
+    steps = check_steps(steps)
+    if kind not in GRIDS:
+        raise ValueError(f"grid must be one of {GRIDS}, got {kind!r}")
+    lo, hi = diffusion.t_min, diffusion.T
+    frac = torch.arange(steps + 1, dtype=torch.float64) / steps
+    if kind == "quadratic":
+        t = hi - (hi - lo) * (1 - (1 - frac) ** 2)
+    elif kind == "uniform":
+        t = hi - (hi - lo) * frac
+    else:
+        phi_hi, phi_lo = _phi(diffusion.tau(torch.tensor([hi, lo], dtype=torch.float64)))
+        t = tau_inverse(diffusion, F.softplus(phi_hi + (phi_lo - phi_hi) * frac, threshold=30.0))
+    t[0], t[-1] = hi, lo  # exact ends
+    return t
+
+
+__all__ = ["GRIDS", "check_steps", "time_grid"]

@@ -1,0 +1,300 @@
+"""Per-step K×K coefficients of the samplers (mdm-math.md §6–7), computed once per time grid in float64.
+
+Every fixed-grid solver here is a linear recursion in the state u, the noise predictions ε̂ (the
+network's output in the Cholesky noise of the hybrid-start kernel, s = −L_t⁻ᵀ ε̂) and fresh Gaussian
+noise ξ:
+
+    u_{n+1} = Φ_n (u_n + Λ_n ε̂_n) + Σ_j Γ_{n,j} ε̂_{n−j} + C_n ξ_n,
+
+with K×K matrices acting on the variable axis that depend on the grid only (Λ_n = −L_n
+makes
+u_n + Λ_n ε̂_n the predicted mean, "move the mean, re-noise": this form, not the expanded
+Φ u + (Γ − Φ L) ε̂, keeps rounding in ε̂ from being amplified by L_n⁻¹ near t_min): they are computed here
+for the whole grid before the loop and shared by all samples. Time runs t_0 = T > … > t_N = t_min;
+τ_n = τ(t_n), ρ = log τ, Φ(s, t) = exp((τ_s − τ_t) A), L_n the hybrid-start Cholesky factor and
+K_n = L_n R_n the noise frame of :mod:`fastmdm.noise_frame`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .diffusion import LinearDiffusion
+from .importance import tau_inverse
+from .noise_frame import rotation
+from .transition import expm_and_gramian
+
+QUADRATURE_NODES = 16  # Gauss–Legendre nodes per step for the exponential-integrator integrals
+NOISES = ("rotated", "cholesky")
+
+
+class LinearPlan(NamedTuple):
+    """Coefficients of u ← Φ (u + Λ ε̂_n) + Σ_j Γ_j ε̂_{n−j} + C ξ, float64 on CPU.
+
+    phi (N, K, K); lam (N, K, K) or None for 0; gamma (N, H, K, K), gamma[n, j] acting on the
+    prediction made j steps earlier; noise (N, K, K) or None; eval_times (N,): where the network
+    is called in step n (t_n, or the midpoint for SSCS); pre_phi / pre_noise (N, K, K) or None:
+    an update u ← pre_phi u + pre_noise ξ made before the network call (SSCS's first half step).
+    """
+
+    phi: Tensor
+    lam: Tensor | None
+    gamma: Tensor
+    noise: Tensor | None
+    eval_times: Tensor
+    pre_phi: Tensor | None = None
+    pre_noise: Tensor | None = None
+
+
+def _mT(X: Tensor) -> Tensor:
+    return X.transpose(-1, -2)
+
+
+def _matrices(diffusion: LinearDiffusion) -> tuple[Tensor, Tensor]:
+    return diffusion.A.detach().cpu(), diffusion.D.detach().cpu()
+
+
+def transition_at(diffusion: LinearDiffusion, times: Tensor):
+    """Hybrid-start transition kernel at float64 times (CPU), without gradients."""
+    with torch.no_grad():
+        return diffusion.transition_f64(times.to(torch.float64).cpu(), "hybrid")
+
+
+def flow(diffusion: LinearDiffusion, tau_to: Tensor, tau_from: Tensor) -> Tensor:
+    """Φ = exp((τ_to − τ_from) A), float64 (…, K, K) for broadcastable τ tensors (diffusion.flow)."""
+    tau_to, tau_from = torch.broadcast_tensors(tau_to.to(torch.float64), tau_from.to(torch.float64))
+    t_to, t_from = (tau_inverse(diffusion, x.reshape(-1)) for x in (tau_to, tau_from))
+    with torch.no_grad():
+        Phi = diffusion.flow(t_to, t_from)
+    return Phi.reshape(*tau_to.shape, *Phi.shape[-2:])
+
+
+def psd_sqrt(S: Tensor) -> Tensor:
+    """Symmetric square root of a (batch of) symmetric PSD matrices; tiny negative eigenvalues → 0."""
+    S = 0.5 * (S + _mT(S))
+    lam, V = torch.linalg.eigh(S)
+    return (V * lam.clamp_min(0).sqrt().unsqueeze(-2)) @ _mT(V)
+
+
+def _gauss_legendre(rho_from: Tensor, rho_to: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """Nodes (N, m) and oriented weights (N, m) of Gauss–Legendre on each [ρ_from, ρ_to]."""
+    x, w = (torch.from_numpy(v) for v in np.polynomial.legendre.leggauss(m))
+    half = (rho_to - rho_from)[:, None] / 2
+    return (rho_from + rho_to)[:, None] / 2 + half * x, half * w
+
+
+def _lagrange(points: list[float], j: int) -> np.polynomial.Polynomial:
+    """ℓ_j through ``points`` (ℓ_j(points[i]) = δ_ij), in the variable ρ − points[0]."""
+    x = np.asarray(points) - points[0]
+    if x.size == 1:
+        return np.polynomial.Polynomial([1.0])
+    ell = np.polynomial.Polynomial.fromroots(np.delete(x, j))
+    return ell / ell(x[j])
+
+
+def ei_ode_plan(diffusion: LinearDiffusion, times: Tensor, order: int = 2,
+                noise: str = "rotated") -> LinearPlan:
+    """Exponential-integrator steps on the probability-flow ODE, multistep orders 1–3.
+
+    Variation of constants over [t, s]: u_s = Φ(s, t) u_t + ∫_t^s Φ(s, r) β D L_r⁻ᵀ ε̂(r) dr.
+    "rotated": ε̂_K = R_rᵀ ε̂ is held to the polynomial p(ρ) through the last q predictions and,
+    integrated by parts (K̇ = βAK + βDK⁻ᵀ),
+
+        ∫ Φ(s, r) β D K_r⁻ᵀ p dr = K_s p(ρ_s) − Φ(s, t) K_t p(ρ_t) − ∫ Φ(s, r) K_r p′(ρ) dρ,
+
+    so order 1 is u_s = Φ(s, t)(u_t − L_t ε̂) + L_s R_s R_tᵀ ε̂, exact for a single-point data law
+    (Λ = −L_t carries the Φ(s, t) K_t p(ρ_t) term).
+    "cholesky": ε̂ itself is interpolated and ∫ Φ(s, r) D L_r⁻ᵀ τ_r p(ρ) dρ is integrated directly.
+    The remaining integrals use Gauss–Legendre in ρ = log τ; warm start with lower orders.
+    """
+    if order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+    if noise not in NOISES:
+        raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
+    times = times.to(torch.float64)
+    N, K = times.numel() - 1, diffusion.K
+    tau = diffusion.tau(times)
+    rho = tau.log()
+    phi = flow(diffusion, tau[1:], tau[:-1])
+    gamma = torch.zeros(N, order, K, K, dtype=torch.float64)
+    need_nodes = noise == "cholesky" or order > 1
+    if need_nodes:
+        nodes, weights = _gauss_legendre(rho[:-1], rho[1:], QUADRATURE_NODES)
+        node_tau = nodes.exp()
+        node_tk = transition_at(diffusion, tau_inverse(diffusion, node_tau.flatten()).clamp(
+            diffusion.t_min, diffusion.T))
+        flow_nodes = flow(diffusion, tau[1:, None], node_tau)  # Φ(s, r_i): (N, m, K, K)
+    L = transition_at(diffusion, times).chol
+    if noise == "rotated":
+        all_tau = torch.cat([tau, node_tau.flatten()]) if need_nodes else tau
+        R_all = rotation(diffusion, all_tau)
+        R = R_all[: N + 1]
+        frame = L @ R  # K_n on the grid
+        if need_nodes:
+            frame_nodes = (node_tk.chol @ R_all[N + 1:]).view(N, QUADRATURE_NODES, K, K)
+            kernel = flow_nodes @ frame_nodes  # Φ(s, r_i) K_{r_i}
+    else:
+        _, D = _matrices(diffusion)
+        kernel = flow_nodes @ D @ node_tk.chol_inv_t.view(N, QUADRATURE_NODES, K, K) \
+            * node_tau[..., None, None]  # Φ(s, r_i) D L_{r_i}⁻ᵀ τ_{r_i}
+    for n in range(N):
+        q = min(order, n + 1)
+        points = [float(rho[n - j]) for j in range(q)]
+        for j in range(q):
+            ell = _lagrange(points, j)
+            if noise == "rotated":
+                coef = frame[n + 1] * float(ell(float(rho[n + 1]) - points[0]))
+                if q > 1:
+                    dell = torch.from_numpy(ell.deriv()(nodes[n].numpy() - points[0]))
+                    coef = coef - (weights[n, :, None, None] * dell[:, None, None] * kernel[n]).sum(0)
+                gamma[n, j] = coef @ _mT(R[n - j])
+            else:
+                vals = torch.from_numpy(ell(nodes[n].numpy() - points[0]))
+                gamma[n, j] = (weights[n, :, None, None] * vals[:, None, None] * kernel[n]).sum(0)
+    lam = -L[:-1] if noise == "rotated" else None
+    return LinearPlan(phi, lam, gamma, None, times[:-1].clone())
+
+
+def _orthogonal_power(U: Tensor, eta: float) -> Tensor:
+    """U^η for orthogonal U (batch), through its eigen-decomposition U = V e^{iθ} V⁻¹."""
+    if eta == 1.0:
+        return U
+    if eta == 0.0:
+        return torch.eye(U.shape[-1], dtype=U.dtype).expand_as(U).clone()
+    lam, V = torch.linalg.eig(U)
+    power = torch.exp(1j * eta * torch.angle(lam))
+    return (V * power.unsqueeze(-2) @ torch.linalg.inv(V)).real
+
+
+def ancestral_plan(diffusion: LinearDiffusion, times: Tensor, eta: float = 1.0) -> LinearPlan:
+    """The exact Gaussian posterior step q(u_s | u_t, x̂₀) for any MDM (DDPM's step), with a knob η.
+
+    In the noise frame, u_t = a_t x₀ + K_t ε_K and q(u_s | u_t, x₀) = N(a_s x₀ + K_s H ε_K,
+    K_s (I − H Hᵀ) K_sᵀ), H = (K_t⁻¹ Φ(t, s) K_s)ᵀ. With H = (H Hᵀ)^½ U (polar) the η-family
+
+        u_s = Φ(s, t)(u_t − K_t ε̂_K) + K_s [H_η ε̂_K + N_η ξ],
+        H_η = (I − η²(I − H Hᵀ))^½ U^η,   N_η N_ηᵀ = η² (I − H Hᵀ),
+
+    keeps every marginal for each η: η = 1 is the posterior (DDPM), η = 0 the order-1
+    exponential integrator (DDIM). Last step included (the chain ends at t_min).
+    """
+    if not (isinstance(eta, (int, float)) and 0.0 <= eta <= 1.0):
+        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+    times = times.to(torch.float64)
+    K = diffusion.K
+    tau = diffusion.tau(times)
+    tk = transition_at(diffusion, times)
+    R = rotation(diffusion, tau)
+    frame = tk.chol @ R
+    frame_inv = _mT(R) @ _mT(tk.chol_inv_t)  # K⁻¹ = Rᵀ L⁻¹
+    phi = flow(diffusion, tau[1:], tau[:-1])
+    H = _mT(frame_inv[:-1] @ flow(diffusion, tau[:-1], tau[1:]) @ frame[1:])
+    W, sig, Vh = torch.linalg.svd(H)
+    eye = torch.eye(K, dtype=torch.float64)
+    post = eye - H @ _mT(H)  # K-frame posterior covariance
+    H_eta = psd_sqrt(eye - eta**2 * post) @ _orthogonal_power(W @ Vh, float(eta))
+    gamma = frame[1:] @ H_eta @ _mT(R[:-1])
+    noise = frame[1:] @ psd_sqrt(eta**2 * post)
+    return LinearPlan(phi, -tk.chol[:-1], gamma.unsqueeze(1), noise, times[:-1].clone())
+
+
+def euler_maruyama_plan(diffusion: LinearDiffusion, times: Tensor) -> LinearPlan:
+    """The reference step u ← u − h β(t)[A u − 2D s] + sqrt(2β(t) h) D^½ ξ, s = −L_t⁻ᵀ ε̂; no noise last."""
+    times = times.to(torch.float64)
+    A, D = _matrices(diffusion)
+    h = (times[:-1] - times[1:])[:, None, None]
+    beta = diffusion.beta(times[:-1])[:, None, None]
+    chol_inv_t = transition_at(diffusion, times[:-1]).chol_inv_t
+    phi = torch.eye(diffusion.K, dtype=torch.float64) - h * beta * A
+    gamma = -2 * h * beta * D @ chol_inv_t
+    noise = (2 * beta * h).sqrt() * psd_sqrt(D)
+    noise[-1] = 0
+    return LinearPlan(phi, None, gamma.unsqueeze(1), noise, times[:-1].clone())
+
+
+def sscs_plan(diffusion: LinearDiffusion, times: Tensor) -> LinearPlan:
+    """Symmetric splitting (Dockhorn et al.'s SSCS, for any MDM).
+
+    In reverse time σ = −τ the reverse SDE du = [−A u + 2D s] dσ + sqrt(2D) dW splits, with
+    s = −Σ∞⁻¹ u + (s + Σ∞⁻¹ u), into the linear SDE du = Ā u dσ + sqrt(2D) dW, Ā = (Q − D)Σ∞⁻¹
+    (stationary N(0, Σ∞), solved exactly: mean e^{hĀ}, covariance P̄(h)) and the score part
+    du = 2D(s + Σ∞⁻¹ u) dσ (one Euler step, at the midpoint in τ). Strang: half linear step,
+    score step, half linear step. Only the variables D reaches (a velocity-like block) feel the
+    score; the others move through the exact linear flow.
+    """
+    times = times.to(torch.float64)
+    A, D = _matrices(diffusion)
+    var = diffusion.stationary_var.detach().cpu()
+    A_rev = -A - 2 * D / var  # (Q − D) Σ∞⁻¹
+    tau = diffusion.tau(times)
+    half = (tau[:-1] - tau[1:]) / 2
+    M_half, P_half = expm_and_gramian(A_rev, 2 * D, half, var)
+    C_half = psd_sqrt(P_half)
+    mid_times = tau_inverse(diffusion, tau[1:] + half).clamp(diffusion.t_min, diffusion.T)
+    chol_inv_t = transition_at(diffusion, mid_times).chol_inv_t
+    h = (2 * half)[:, None, None]
+    score_state = torch.eye(diffusion.K, dtype=torch.float64) + 2 * h * D / var
+    score_eps = -2 * h * D @ chol_inv_t
+    return LinearPlan(M_half @ score_state, None, (M_half @ score_eps).unsqueeze(1), C_half, mid_times,
+                      pre_phi=M_half, pre_noise=C_half)
+
+
+class HeunPlan(NamedTuple):
+    """Heun on du/dρ = τ[A u + D L⁻ᵀ ε̂], ρ = log τ: drift matrices at the grid (N + 1, K, K)."""
+
+    state: Tensor  # τ_n A
+    eps: Tensor  # τ_n D L_n⁻ᵀ
+    drho: Tensor  # (N,) ρ_{n+1} − ρ_n
+    times: Tensor
+
+
+def heun_plan(diffusion: LinearDiffusion, times: Tensor) -> HeunPlan:
+    """Drift coefficients for Heun's method on the probability-flow ODE in ρ = log τ."""
+    times = times.to(torch.float64)
+    A, D = _matrices(diffusion)
+    tau = diffusion.tau(times)[:, None, None]
+    chol_inv_t = transition_at(diffusion, times).chol_inv_t
+    rho = diffusion.tau(times).log()
+    return HeunPlan(tau * A, tau * D @ chol_inv_t, rho[1:] - rho[:-1], times)
+
+
+class PredictionMap(NamedTuple):
+    """ε̂ = out_mat·y + state_mat·u for a network output y: the Cholesky noise from any prediction.
+
+    "eps": identity; "score": ε̂ = −Lᵀ s; "x0": ε̂ = L⁻¹(u − a x̂₀) (only column 0 of out_mat is
+    nonzero, acting on x̂₀). Each (N, K, K) float64, state_mat None unless "x0".
+    """
+
+    out_mat: Tensor | None
+    state_mat: Tensor | None
+
+
+def prediction_map(diffusion: LinearDiffusion, times: Tensor, prediction: str) -> PredictionMap:
+    """Per-time matrices turning the network's ``prediction`` into ε̂ (hybrid-start kernel at ``times``)."""
+    if prediction == "eps":
+        return PredictionMap(None, None)
+    tk = transition_at(diffusion, times)
+    if prediction == "score":
+        return PredictionMap(-_mT(tk.chol), None)
+    L_inv = _mT(tk.chol_inv_t)
+    out_mat = torch.zeros_like(L_inv)
+    out_mat[..., 0] = -(L_inv @ tk.mean_coef[..., :1])[..., 0]
+    return PredictionMap(out_mat, L_inv)
+
+
+def tweedie_weights(diffusion: LinearDiffusion, t: Tensor) -> Tensor:
+    """w (K,) with E[x₀ | u] = wᵀ (L⁻¹ u − ε̂): GLS projection of a x̂₀ = u + Σ s, b = L⁻¹a, w = b/‖b‖²."""
+    tk = transition_at(diffusion, t.reshape(1))
+    b = (_mT(tk.chol_inv_t) @ tk.mean_coef[..., :1])[0, :, 0]
+    return b / (b @ b)
+
+
+__all__ = [
+    "HeunPlan", "LinearPlan", "NOISES", "PredictionMap", "ancestral_plan", "ei_ode_plan",
+    "euler_maruyama_plan", "flow", "heun_plan", "prediction_map", "psd_sqrt", "sscs_plan", "transition_at",
+    "tweedie_weights",
+]
