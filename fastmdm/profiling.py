@@ -12,6 +12,7 @@ self time.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -51,6 +52,20 @@ class stage:  # noqa: N801 -- used as a lowercase context manager, like torch.no
         if self._nvtx:
             torch.cuda.nvtx.range_pop()
             self._nvtx = False
+
+
+def staged(name: str):
+    """Decorator: run the function inside ``stage(name)``."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            with stage(name):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 def _toy_setup(device: torch.device, batch: int, seed: int = 0):
@@ -104,11 +119,16 @@ def _workload(what: str, device: torch.device, batch: int) -> Callable[[], objec
 
 
 def top_ops(prof, n: int = 10, device_time: bool = False) -> list[dict]:
-    """The n ops (CUDA: kernels) with the largest self time; fastmdm stage ranges left out."""
+    """The n ops with the largest self time; with ``device_time`` the n device kernels.
+
+    fastmdm stage ranges and profiler steps are left out.
+    """
     rows = []
     for event in prof.key_averages():
         if event.key.startswith((PREFIX, "ProfilerStep")):
             continue
+        if device_time and event.device_type == torch.autograd.DeviceType.CPU:
+            continue  # a CPU op: its kernels are listed on their own
         self_us = event.self_device_time_total if device_time else event.self_cpu_time_total
         if self_us > 0:
             rows.append({"name": event.key, "self_time_us": float(self_us), "calls": int(event.count)})

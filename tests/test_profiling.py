@@ -51,3 +51,15 @@ def test_bad_arguments_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="not a Chrome trace"):
         (tmp_path / "x.json").write_text("[]")
         profiling.load_trace(tmp_path / "x.json")
+
+
+def test_top_ops_ranks_by_self_time_and_keeps_only_kernels_for_device_time():
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with profiling.stage("ranked"):
+            a = torch.randn(64, 64)
+            for _ in range(3):
+                a = a @ a / 64
+    top = profiling.top_ops(prof, n=3)
+    assert len(top) == 3 and top[0]["self_time_us"] >= top[-1]["self_time_us"]
+    assert all(not row["name"].startswith("fastmdm.") for row in top)
+    assert profiling.top_ops(prof, device_time=True) == []  # a CPU-only trace has no device kernels
