@@ -191,7 +191,11 @@ def test_targets_are_checked_only_on_gpu_reports(tiny_run):
     for other in report["ratios"]:
         if other is not ratio:
             other["fast_over_reference"] = 0.5
+    report["metadata"]["copy_bandwidth_gbps"] = 1e-6  # every row large enough to be bandwidth-bound
     misses = bm.target_summary(report)
     assert len(misses) == 2
     assert "perturb" in misses[0] and "30%" in misses[0]
     assert "transition" in misses[1] and "not ahead" in misses[1]
+    report["metadata"]["copy_bandwidth_gbps"] = 1e6  # tiny rows: launch-bound, bandwidth not checked
+    lines = bm.target_summary(report)
+    assert len(lines) == 2 and "not ahead" in lines[0] and "not checked" in lines[1]
