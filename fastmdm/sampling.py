@@ -25,6 +25,7 @@ from .likelihood import probability_flow_drift
 from .noise_frame import diffusion_key
 from .ode import odeint_adaptive
 from .ops import apply_kk
+from .profiling import staged
 from .scores import check_output, check_prediction
 from .solvers import (
     NOISES,
@@ -69,6 +70,7 @@ def _check_shape(shape) -> tuple[int, ...]:
     return shape
 
 
+@staged("sample.plan")
 def _plan(diffusion: LinearDiffusion, solver: str, times: Tensor, prediction: str, options: tuple):
     """Coefficients for (solver, grid, prediction), cached by the diffusion's values."""
     key = (diffusion_key(diffusion), solver, times.numpy().tobytes(), prediction, options)
@@ -102,6 +104,7 @@ class _Network:
         self.model, self.prediction, self.nfe = model, prediction, 0
         self.t = times.to(device=u.device, dtype=u.dtype)[:, None].expand(-1, u.shape[0]).contiguous()
 
+    @staged("sample.network")
     def __call__(self, u: Tensor, n: int | Tensor) -> Tensor:
         t = self.t[n] if isinstance(n, int) else n
         out = self.model(u, t)
@@ -202,6 +205,7 @@ def _langevin(u: Tensor, net: _Network, grid_map, n: int, chol: Tensor, snr: flo
     return u + apply_kk(chol, (2 * eta).sqrt() * xi - eta * eps)
 
 
+@staged("sample")
 def sample(model, diffusion: LinearDiffusion, shape, steps: int | None = None, solver: str = "ei-ode",
            prediction: str | None = None, generator: torch.Generator | None = None, progress=False,
            return_trajectory: bool = False, *, grid: str | None = None, order: int = 2,
