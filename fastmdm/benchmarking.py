@@ -43,6 +43,7 @@ import torch
 
 from . import reference
 from .backend import get_backend, set_backend, use_triton
+from .ops import apply_kk
 
 PRESETS = ("tiny", "quick", "full")
 IMPLS = ("fast", "torch", "compile", "reference")
@@ -109,6 +110,7 @@ class Timing:
     iqr_s: float
     n: int
     number: int
+    warmup_s: float = 0.0  # the first call (with any compilation)
 
 
 # -- shared inputs ----------------------------------------------------------------------------
@@ -198,6 +200,36 @@ def _build_perturb(size: Size, device, dtype) -> Workload:
         # read x0 and t, write u_t and the ε that perturb returns
         floor_bytes=size.B * (item * size.d * (1 + 2 * size.K) + 8),
     )
+
+
+def _build_perturb_data(size: Size, device, dtype) -> Workload:
+    """The data pass of the perturbation given the coefficients: u_t = a x0 + L ε, ε drawn.
+
+    Fast on CUDA: the seeded Triton kernel (ε drawn in registers, never stored); torch path:
+    randn + rank-one mean + batched K×K product; reference: the published randn + einsum.
+    """
+    diff = bench_diffusion(size.K, device)
+    tk = diff.transition_f64(_times(size.B, device), "hybrid")
+    x0 = _randn((size.B, size.d), dtype, device, seed=2)
+    a, L = tk.mean_coef[:, :, 0].to(dtype), tk.chol.to(dtype)
+    shape = (size.B, size.K, size.d)
+    item = torch.finfo(dtype).bits // 8
+    fast = None
+    if use_triton(device):
+        from .kernels.perturb import perturb_seeded
+
+        def fast():
+            return perturb_seeded(x0, tk.mean_coef[:, :, 0], tk.chol, seed=1234)
+
+    def torch_path():
+        return diff.mean(x0, tk) + apply_kk(tk.chol, torch.randn(shape, dtype=dtype, device=device))
+
+    def published():
+        eps = torch.randn(shape, dtype=dtype, device=device)
+        return a[:, :, None] * x0[:, None] + torch.einsum("bkl,bld->bkd", L, eps)
+
+    return Workload(torch_path=torch_path, reference=published, fast=fast,
+                    floor_bytes=size.B * item * size.d * (1 + size.K))  # read x0, write u_t
 
 
 def _build_dsm_loss(size: Size, device, dtype) -> Workload:
@@ -297,7 +329,10 @@ CASES: dict[str, Case] = {
     case.name: case
     for case in (
         Case("transition", "transition coefficients (M, Σ, L, L⁻ᵀ) for B times", _build_transition),
-        Case("perturb", "u_t = M_t x0 + L_t ε (hybrid start)", _build_perturb, memory_bound=True),
+        Case("perturb", "u_t = M_t x0 + L_t ε (hybrid start), returns (u_t, ε)", _build_perturb,
+             memory_bound=True),
+        Case("perturb_data", "u_t = a x0 + L ε given the coefficients (ε not stored when fused)",
+             _build_perturb_data, memory_bound=True),
         Case("dsm_loss", "weighted DSM ½ Σ_j (ε̂−ε)ᵀ W_t (ε̂−ε), W_t from t", _build_dsm_loss,
              memory_bound=True),
         Case("hutchinson", "Hutchinson divergence of an MLP, `probes` Rademacher probes",
@@ -337,6 +372,7 @@ PRESET_CONFIGS: dict[str, Preset] = {
         sizes={
             "transition": _grid([4], [2], [1]),
             "perturb": _grid([4], [2], [3]),
+            "perturb_data": _grid([4], [2], [3]),
             "dsm_loss": _grid([4], [2], [3]),
             "hutchinson": _grid([4], [2], [3], probes=2),
             "sampler_step": _grid([4], [2], [3], steps=1),
@@ -351,20 +387,22 @@ PRESET_CONFIGS: dict[str, Preset] = {
         sizes={
             "transition": _grid([512], [2, 3, 6], [1]),
             "perturb": _grid([512], [3], [2, 784]),
+            "perturb_data": _grid([512], [3], [784, 3072]),
             "dsm_loss": _grid([512], [3], [2, 784]),
             "hutchinson": _grid([128], [3], [2], probes=8) + _grid([64], [3], [784], probes=4),
             "sampler_step": _grid([512], [3], [2, 784], steps=1),
             "sample_run": _grid([128], [3], [2], steps=20),
             "train_step": _grid([256], [3], [2, 784]),
         },
-        budget_s=0.5, min_samples=5, max_samples=200, compile=True, compile_budget_s=120.0,
-        copy_bytes=64 << 20, compile_cases=("perturb", "dsm_loss"),
+        budget_s=0.5, min_samples=5, max_samples=200, compile=True, compile_budget_s=150.0,
+        copy_bytes=64 << 20, compile_cases=("perturb", "perturb_data", "dsm_loss"),
     ),
     "full": Preset(
         name="full",
         sizes={
             "transition": _grid([64, 512, 4096], [1, 2, 3, 6], [1]),
-            "perturb": _grid([64, 512, 4096], [1, 2, 3, 6], [2, 784, 3072]),
+            "perturb": _grid([64, 512, 4096], [1, 2, 3, 6], [2, 784, 3072]) + _grid([128], [2, 3], [3072]),
+            "perturb_data": _grid([64, 512, 4096], [1, 2, 3, 6], [2, 784, 3072]),
             "dsm_loss": _grid([64, 512, 4096], [1, 2, 3, 6], [2, 784, 3072]),
             "hutchinson": _grid([64, 512], [3], [2, 784], probes=8),
             "sampler_step": _grid([512, 4096], [2, 3], [2, 784, 3072], steps=1),
@@ -413,28 +451,66 @@ def _time_calls(fn: Callable[[], object], number: int, device: torch.device) -> 
     return time.perf_counter() - begin
 
 
-def measure(fn: Callable[[], object], device, *, budget_s: float = 0.5, min_samples: int = 5,
-            max_samples: int = 200, min_sample_s: float = 1e-3) -> Timing:
-    """Warm up once, then time n samples of ``number`` calls; median and IQR of the per-call time.
+def _warm_up(fn: Callable[[], object], device: torch.device, budget_s: float) -> tuple[float, float]:
+    """Call once (lazy initialisation, allocator, compilation); returns (warm-up s, call estimate s)."""
+    _sync(device)
+    begin = time.perf_counter()
+    fn()
+    _sync(device)
+    warmup = time.perf_counter() - begin
+    estimate = _time_calls(fn, 1, device) if warmup < budget_s else warmup  # a second, warm call
+    return warmup, estimate
 
-    ``number`` makes one sample last at least ``min_sample_s``; n fills ``budget_s`` within
-    [min_samples, max_samples].
+
+def measure_interleaved(fns: dict[str, Callable[[], object]], device, *, budget_s: float = 0.5,
+                        min_samples: int = 5, max_samples: int = 200,
+                        min_sample_s: float = 1e-3) -> dict[str, Timing | Exception]:
+    """Time several implementations in alternation: one sample of each per round.
+
+    Each is warmed up, then ``number`` calls per sample make one sample last at least
+    ``min_sample_s``; n rounds fill ``budget_s`` per implementation within [min_samples,
+    max_samples]. Interleaving spreads any slowdown of a shared machine over every
+    implementation alike, so the ratios of the medians stay fair. An implementation that
+    raises gets its exception instead of a Timing.
     """
     if min_samples < 2:
         raise ValueError(f"min_samples must be >= 2 (an IQR needs two samples), got {min_samples}")
     device = torch.device(device)
-    _sync(device)
-    begin = time.perf_counter()
-    fn()  # warm-up: lazy initialisation, allocator, compilation
-    _sync(device)
-    first = time.perf_counter() - begin
-    if first < budget_s:  # a second, warm estimate of the call time
-        first = _time_calls(fn, 1, device)
-    number = max(1, math.ceil(min_sample_s / max(first, 1e-9)))
-    n = int(min(max_samples, max(min_samples, budget_s // max(first * number, 1e-12))))
-    per_call = [_time_calls(fn, number, device) / number for _ in range(n)]
-    q1, median, q3 = statistics.quantiles(per_call, n=4, method="inclusive")
-    return Timing(median_s=statistics.median(per_call), iqr_s=q3 - q1, n=n, number=number)
+    results: dict[str, Timing | Exception | None] = dict.fromkeys(fns)
+    plans: dict[str, tuple[Callable, int, float]] = {}  # name -> (fn, calls per sample, warm-up s)
+    round_s = 0.0  # estimated length of one round of samples
+    for name, fn in fns.items():
+        try:
+            warmup, estimate = _warm_up(fn, device, budget_s)
+        except Exception as err:  # noqa: BLE001 -- reported per implementation
+            results[name] = err
+            continue
+        number = max(1, math.ceil(min_sample_s / max(estimate, 1e-9)))
+        plans[name] = (fn, number, warmup)
+        round_s += number * estimate
+    n = int(min(max_samples, max(min_samples, budget_s * len(plans) // max(round_s, 1e-12))))
+    samples: dict[str, list[float]] = {name: [] for name in plans}
+    for _ in range(n if plans else 0):
+        for name, (fn, number, _) in plans.items():
+            if results[name] is None:
+                try:
+                    samples[name].append(_time_calls(fn, number, device) / number)
+                except Exception as err:  # noqa: BLE001 -- reported per implementation
+                    results[name] = err
+    for name, (_, number, warmup) in plans.items():
+        if results[name] is None:
+            q1, _, q3 = statistics.quantiles(samples[name], n=4, method="inclusive")
+            results[name] = Timing(median_s=statistics.median(samples[name]), iqr_s=q3 - q1, n=n,
+                                   number=number, warmup_s=warmup)
+    return results
+
+
+def measure(fn: Callable[[], object], device, **options) -> Timing:
+    """Median and IQR of the per-call time of one function (see :func:`measure_interleaved`)."""
+    result = measure_interleaved({"fn": fn}, device, **options)["fn"]
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def copy_bandwidth(device, nbytes: int = 64 << 20, budget_s: float = 0.5) -> float:
@@ -482,18 +558,26 @@ def _quiet_dynamo():
 def _compiled(fn: Callable[[], object]) -> Callable[[], object]:
     """torch.compile of the torch path, built on the first call (which then also compiles).
 
-    Dynamo's caches are reset first so that no recompile limit is hit across sizes.
+    Dynamo's caches are reset first so that no recompile limit is hit across sizes; the
+    first call's duration (compilation included, even if it fails) is ``call.first_call_s``.
     """
     compiled = None
 
     def call():
         nonlocal compiled
-        if compiled is None:
-            torch._dynamo.reset()
-            compiled = torch.compile(fn)
-        with forced_backend("torch"), _quiet_dynamo():
-            return compiled()
+        first = compiled is None
+        begin = time.perf_counter()
+        try:
+            if first:
+                torch._dynamo.reset()
+                compiled = torch.compile(fn)
+            with forced_backend("torch"), _quiet_dynamo():
+                return compiled()
+        finally:
+            if first:
+                call.first_call_s = time.perf_counter() - begin
 
+    call.first_call_s = 0.0
     return call
 
 
@@ -519,7 +603,8 @@ def _row(case: Case, size: Size, impl: str, device, dtype, status: str, timing: 
     if reason is not None:
         row["reason"] = reason
     if timing is not None:
-        row.update(median_s=timing.median_s, iqr_s=timing.iqr_s, n=timing.n, number=timing.number)
+        row.update(median_s=timing.median_s, iqr_s=timing.iqr_s, n=timing.n, number=timing.number,
+                   warmup_s=timing.warmup_s)
         if floor_bytes is not None:
             row["floor_bytes"] = floor_bytes
             row["gbps"] = floor_bytes / timing.median_s / 1e9
@@ -576,23 +661,22 @@ def _case_rows(case: Case, size: Size, device, dtype, config: Preset, compile: b
     if compile and not compile_here:
         rows.append(_row(case, size, "compile", device, dtype, "n/a",
                          reason=f"the {config.name} preset compiles only {', '.join(config.compile_cases)}"))
-    for impl, fn in impls.items():
-        if impl == "compile" and compile_clock[0] >= config.compile_budget_s:
-            rows.append(_row(case, size, impl, device, dtype, "n/a",
-                             reason=f"compile budget of {config.compile_budget_s:.0f} s spent"))
-            continue
-        begin = time.perf_counter()
-        try:
-            timing = measure(fn, device, budget_s=config.budget_s, min_samples=config.min_samples,
-                             max_samples=config.max_samples)
-            row = _row(case, size, impl, device, dtype, "ok", timing,
-                       floor_bytes=workload.floor_bytes, copy_gbps=copy_gbps)
-        except Exception as err:  # noqa: BLE001 -- recorded with its reason
+    if "compile" in impls and compile_clock[0] >= config.compile_budget_s:
+        del impls["compile"]
+        rows.append(_row(case, size, "compile", device, dtype, "n/a",
+                         reason=f"compile budget of {config.compile_budget_s:.0f} s spent"))
+    results = measure_interleaved(impls, device, budget_s=config.budget_s, min_samples=config.min_samples,
+                                  max_samples=config.max_samples)
+    if "compile" in impls:
+        torch._dynamo.reset()
+        compile_clock[0] += impls["compile"].first_call_s
+    for impl, result in results.items():
+        if isinstance(result, Timing):
+            row = _row(case, size, impl, device, dtype, "ok", result, floor_bytes=workload.floor_bytes,
+                       copy_gbps=copy_gbps)
+        else:
             row = _row(case, size, impl, device, dtype, "n/a" if impl == "compile" else "failed",
-                       reason=_reason(err))
-        if impl == "compile":
-            compile_clock[0] += time.perf_counter() - begin
-            torch._dynamo.reset()
+                       reason=_reason(result))
         if workload.note:
             row["note"] = workload.note
         rows.append(row)

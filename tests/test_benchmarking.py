@@ -111,6 +111,22 @@ def test_measure_calls_the_function_and_summarises_samples():
         bm.measure(lambda: None, "cpu", min_samples=1)
 
 
+def test_measure_interleaved_alternates_and_isolates_failures():
+    order = []
+
+    def broken():
+        raise RuntimeError("c broke")
+
+    results = bm.measure_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b"),
+                                      "c": broken}, "cpu", budget_s=1.0, min_samples=3, max_samples=4,
+                                     min_sample_s=0.0)
+    assert list(results) == ["a", "b", "c"]
+    assert isinstance(results["c"], RuntimeError)
+    assert results["a"].n == results["b"].n == 4
+    assert order[:4] == ["a", "a", "b", "b"]  # warm-up and estimate of each
+    assert order[4:] == ["a", "b"] * 4  # then one sample of each per round
+
+
 def test_copy_bandwidth_is_a_positive_rate():
     gbps = bm.copy_bandwidth("cpu", nbytes=1 << 20, budget_s=0.01)
     assert math.isfinite(gbps) and gbps > 0
