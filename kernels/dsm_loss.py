@@ -19,14 +19,18 @@ from .perturb import MAX_K, acc_dtype, block_d, noise_block, strides3
 
 
 @triton.jit
-def _deltas(eh_ptr, noise_ptr, seed, offset, b, cols, mask, d, seb, sek, sej, snb, snk, snj,
-            acc_t: tl.constexpr, K: tl.constexpr, FROM_SEED: tl.constexpr):
-    """δ_k = ε̂[b, k, cols] − ε[b, k, cols] for k < K, zero outside the data."""
+def _deltas(eh_ptr, noise_ptr, seed, offset, b, blk, d, seb, sek, sej, snb, snk, snj,
+            acc_t: tl.constexpr, K: tl.constexpr, FROM_SEED: tl.constexpr,
+            BLOCK_D: tl.constexpr):
+    """δ_k = ε̂[b, k, cols] − ε[b, k, cols] for k < K, cols = blk·BLOCK_D + [0, BLOCK_D),
+    zero outside the data."""
+    cols = blk * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = cols < d
     out = ()
     for k in tl.static_range(K):
         eh = tl.load(eh_ptr + b * seb + k * sek + cols * sej, mask=mask, other=0.0).to(acc_t)
-        e = noise_block(noise_ptr, b * snb + k * snk + cols * snj, seed,
-                        offset + (b * K + k) * d + cols, mask, FROM_SEED).to(acc_t)
+        e = noise_block(noise_ptr, b * snb + k * snk + cols * snj, seed, offset, b * K + k, d,
+                        blk, mask, FROM_SEED, BLOCK_D).to(acc_t)
         out = out + (tl.where(mask, eh - e, 0.0),)
     return out
 
@@ -38,11 +42,9 @@ def _dsm_fwd(
 ):
     b = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
-    cols = blk * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask = cols < d
     acc_t = part_ptr.dtype.element_ty
-    delta = _deltas(eh_ptr, noise_ptr, seed, offset, b, cols, mask, d, seb, sek, sej,
-                    snb, snk, snj, acc_t, K, FROM_SEED)
+    delta = _deltas(eh_ptr, noise_ptr, seed, offset, b, blk, d, seb, sek, sej, snb, snk, snj,
+                    acc_t, K, FROM_SEED, BLOCK_D)
     total = delta[0] * 0.0
     for k in tl.static_range(K):
         wd = tl.load(w_ptr + (b * K + k) * K) * delta[0]
@@ -65,8 +67,8 @@ def _dsm_bwd(
     mask = cols < d
     go = tl.load(go_ptr + b)
     acc_t = go.dtype
-    delta = _deltas(eh_ptr, noise_ptr, seed, offset, b, cols, mask, d, seb, sek, sej,
-                    snb, snk, snj, acc_t, K, FROM_SEED)
+    delta = _deltas(eh_ptr, noise_ptr, seed, offset, b, blk, d, seb, sek, sej, snb, snk, snj,
+                    acc_t, K, FROM_SEED, BLOCK_D)
     if NEED_EPS_HAT:
         for k in tl.static_range(K):
             acc = delta[0] * 0.0

@@ -1,9 +1,10 @@
 """The perturbation u_t = M_t m₀ + L_t ε (mdm-math.md §2) in one pass over the data.
 
-ε[b, k, j] is the Philox normal ``tl.randn(seed, offset + (b K + k) d + j)``: keyed by the
-seed and the element's index alone, so it is reproducible, independent of the launch grid
-and can be regenerated instead of stored — by the backward here and by the fused DSM loss
-(:mod:`fastmdm.kernels.dsm_loss`). A given ε (a tensor) is read instead when supplied.
+ε[b, k, j] is output j mod 4 of ``tl.randn4x(seed, offset + (b K + k)⌈d/4⌉ + ⌊j/4⌋)`` (one
+Philox call gives four normals): keyed by the seed and the element's index alone, so it is
+reproducible, independent of the launch grid and can be regenerated instead of stored — by
+the backward here and by the fused DSM loss (:mod:`fastmdm.kernels.dsm_loss`). A given ε (a
+tensor) is read instead when supplied.
 
 Per program: one sample b and a block of data columns j. Hybrid start (m₀ = (x₀, 0, …)):
 u[k] = a_k x₀ + Σ_{l≤k} L_kl ε_l with a = M[:, 0]; full start:
@@ -27,11 +28,14 @@ SEED_HIGH = 2**31 - 1
 
 
 @triton.jit
-def noise_block(noise_ptr, where, seed, counter, mask, FROM_SEED: tl.constexpr):
-    """ε: the float32 Philox normal at ``counter`` (int64) if FROM_SEED, else loaded at
-    ``noise_ptr + where``."""
+def noise_block(noise_ptr, where, seed, offset, row, d, blk, mask, FROM_SEED: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """ε of data row ``row`` = b K + k, columns blk·BLOCK_D + [0, BLOCK_D): the Philox normals
+    (float32) if FROM_SEED, else loaded at ``noise_ptr + where``."""
     if FROM_SEED:
-        return tl.randn(seed, counter)
+        first = offset + row * tl.cdiv(d, 4) + blk * (BLOCK_D // 4)
+        n0, n1, n2, n3 = tl.randn4x(seed, first + tl.arange(0, BLOCK_D // 4))
+        return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [BLOCK_D])  # 4i + m ← n_m[i]
     else:
         return tl.load(noise_ptr + where, mask=mask, other=0.0)
 
@@ -44,17 +48,18 @@ def _perturb_fwd(
     BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    blk = tl.program_id(1)
+    cols = blk * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = cols < d
     acc_t = coef_ptr.dtype.element_ty
     eps = ()
     for k in tl.static_range(K):
-        ctr = (b * K + k) * d + cols
-        e = noise_block(noise_ptr, b * snb + k * snk + cols * snj, seed, offset + ctr, mask,
-                        FROM_SEED).to(acc_t)
+        e = noise_block(noise_ptr, b * snb + k * snk + cols * snj, seed, offset, b * K + k, d, blk,
+                        mask, FROM_SEED, BLOCK_D).to(acc_t)
         eps = eps + (e,)
         if WRITE_NOISE:
-            tl.store(eps_out_ptr + ctr, e.to(eps_out_ptr.dtype.element_ty), mask=mask)
+            tl.store(eps_out_ptr + (b * K + k) * d + cols, e.to(eps_out_ptr.dtype.element_ty),
+                     mask=mask)
     xs = ()
     for k in tl.static_range(K if FULL else 1):
         xs = xs + (tl.load(x_ptr + b * sxb + k * sxk + cols * sxj, mask=mask).to(acc_t),)
@@ -109,14 +114,15 @@ def _perturb_bwd(
                     tl.store(gcoef_ptr + part * K + k, tl.sum(gs[k] * x, axis=0))
     if NEED_CHOL:
         for l in tl.static_range(K):
-            e = noise_block(noise_ptr, b * snb + l * snk + cols * snj, seed,
-                            offset + (b * K + l) * d + cols, mask, FROM_SEED).to(acc_t)
+            e = noise_block(noise_ptr, b * snb + l * snk + cols * snj, seed, offset, b * K + l, d,
+                            blk, mask, FROM_SEED, BLOCK_D).to(acc_t)
             for k in tl.static_range(K):
                 tl.store(gchol_ptr + (part * K + k) * K + l, tl.sum(gs[k] * e, axis=0))
 
 
 def block_d(d: int, device: torch.device) -> int:
-    """Data columns per program: 1024 on GPU; as few programs as possible in the interpreter."""
+    """Data columns per program (a power of two ≥ 16, so a multiple of the 4 normals per Philox
+    call): 1024 on GPU; as few programs as possible in the interpreter."""
     if device.type == "cuda":
         return 1024
     return min(4096, triton.next_power_of_2(max(d, 16)))

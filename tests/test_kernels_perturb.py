@@ -12,7 +12,7 @@ import fastmdm as fm
 from fastmdm.backend import interpreter_enabled
 from fastmdm.ops import apply_kk
 
-pytest.importorskip("triton", reason="triton is not importable")
+triton = pytest.importorskip("triton", reason="triton is not importable")
 if not (interpreter_enabled() or torch.cuda.is_available()):
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1 (the CPU interpreter)",
                 allow_module_level=True)
@@ -21,6 +21,7 @@ import fastmdm.kernels.perturb as kp  # noqa: E402
 from fastmdm.kernels.perturb import perturb_seeded, perturb_with_noise  # noqa: E402
 
 DEVICE = "cpu" if interpreter_enabled() else "cuda"
+tl = triton.language
 # |u − exact| ≤ RTOL·(|x₀-term| + |ε-term|) magnitude: one rounding to the data dtype
 RTOL = {torch.float32: 1e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float64: 1e-14}
 DTYPES = list(RTOL)
@@ -139,9 +140,36 @@ def test_deterministic_and_independent_of_the_grid(monkeypatch):
     u3, e3 = perturb_seeded(x0, coef, tk.chol, 77, return_noise=True)
     assert torch.equal(u1, u2) and torch.equal(u1, u3) and torch.equal(e1, e3)
     assert not torch.equal(e1, perturb_seeded(x0, coef, tk.chol, 78, return_noise=True)[1])
-    # the counter is offset + (b K + k) d + j: shifting the offset by K d shifts the batch
-    shifted = perturb_seeded(x0, coef, tk.chol, 77, offset=3 * 37, return_noise=True)[1]
+    # the counter is offset + (b K + k)⌈d/4⌉ + ⌊j/4⌋: an offset of K⌈d/4⌉ shifts the batch
+    shifted = perturb_seeded(x0, coef, tk.chol, 77, offset=3 * 10, return_noise=True)[1]
     assert torch.equal(shifted[0], e1[1])
+
+
+@triton.jit
+def _randn4x_at(out_ptr, counter_ptr, seed, N: tl.constexpr):
+    n0, n1, n2, n3 = tl.randn4x(seed, tl.load(counter_ptr + tl.arange(0, N)))
+    row = out_ptr + tl.arange(0, N) * 4
+    tl.store(row, n0)
+    tl.store(row + 1, n1)
+    tl.store(row + 2, n2)
+    tl.store(row + 3, n3)
+
+
+def test_noise_is_the_documented_philox_stream():
+    """ε[b, k, j] = output j mod 4 of tl.randn4x(seed, offset + (b K + k)⌈d/4⌉ + ⌊j/4⌋)."""
+    B, K, d, seed, offset = 2, 3, 10, 99, 1000
+    x0, coef = torch.zeros(B, d, device=DEVICE), torch.zeros(B, K, device=DEVICE)
+    eps = perturb_seeded(x0, coef, torch.eye(K, device=DEVICE).expand(B, K, K), seed,
+                         offset=offset, return_noise=True)[1]
+    b, k, j = torch.meshgrid(torch.arange(B), torch.arange(K), torch.arange(0, d, 4),
+                             indexing="ij")
+    counters = (offset + (b * K + k) * math.ceil(d / 4) + j // 4).flatten()
+    n = counters.numel()  # 18: pad to a power of two
+    padded = torch.cat([counters, counters.new_zeros(32 - n)]).to(DEVICE)
+    draws = torch.empty(32, 4, device=DEVICE)
+    _randn4x_at[(1,)](draws, padded, seed, N=32)
+    want = draws[:n].reshape(B, K, -1)[..., :d]  # (B, K, 3 groups × 4)[:d]
+    torch.testing.assert_close(eps, want, rtol=0, atol=0)
 
 
 def test_generator_makes_diffusion_perturb_reproducible():
