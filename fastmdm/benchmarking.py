@@ -394,7 +394,7 @@ PRESET_CONFIGS: dict[str, Preset] = {
             "sample_run": _grid([128], [3], [2], steps=20),
             "train_step": _grid([256], [3], [2, 784]),
         },
-        budget_s=0.5, min_samples=5, max_samples=200, compile=True, compile_budget_s=150.0,
+        budget_s=1.0, min_samples=7, max_samples=200, compile=True, compile_budget_s=100.0,
         copy_bytes=64 << 20, compile_cases=("perturb", "perturb_data", "dsm_loss"),
     ),
     "full": Preset(
