@@ -84,7 +84,7 @@ def save_loss_curve(history: dict, path: str, title: str | None = None) -> None:
     """Training loss (moving average over 50 steps) and, if present, evaluation BPD, saved as PNG."""
     plt = _pyplot()
     loss = torch.tensor(history["loss"], dtype=torch.float64)
-    window = max(1, min(50, loss.numel()))
+    window = max(1, min(50, loss.numel() // 5))
     smooth = torch.nn.functional.avg_pool1d(loss[None, None], window, 1).flatten()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(history["step"], history["loss"], alpha=0.25, lw=0.5, label="loss")
