@@ -22,6 +22,8 @@ import torch
 
 WORKLOADS = ("train", "sample", "elbo")
 PREFIX = "fastmdm."
+# True while dynamo traces (stages then vanish from compiled graphs instead of breaking them)
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 
 
 class stage:  # noqa: N801 -- used as a lowercase context manager, like torch.no_grad
@@ -35,7 +37,7 @@ class stage:  # noqa: N801 -- used as a lowercase context manager, like torch.no
         self._record = None
 
     def __enter__(self) -> stage:
-        if torch.compiler.is_compiling():
+        if _is_compiling():
             return self
         if torch.cuda.is_initialized():
             torch.cuda.nvtx.range_push(self.label)
