@@ -63,3 +63,18 @@ def test_top_ops_ranks_by_self_time_and_keeps_only_kernels_for_device_time():
     assert len(top) == 3 and top[0]["self_time_us"] >= top[-1]["self_time_us"]
     assert all(not row["name"].startswith("fastmdm.") for row in top)
     assert profiling.top_ops(prof, device_time=True) == []  # a CPU-only trace has no device kernels
+
+
+def test_stages_do_not_break_compiled_graphs():
+    from torch._dynamo.testing import CompileCounter
+
+    @profiling.staged("outer")
+    def fn(x):
+        with profiling.stage("inner"):
+            return x.sin() * 2
+
+    counter = CompileCounter()
+    x = torch.randn(4)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(fn, backend=counter)(x), fn(x))
+    assert counter.frame_count == 1  # one graph: no break at the stage boundaries
