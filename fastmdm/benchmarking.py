@@ -1039,6 +1039,7 @@ def run_bench(preset: str = "quick", device=None, out="benchmarks/results", *,
     report = run_suite(preset, device, dtype=dtype, compile=compile)
     print()
     print(ratio_table(report))
+    print("\ntargets:", *target_summary(report), sep="\n  ")
     json_path, md_path = write_report(report, out)
     print(f"\nwrote {json_path} and {md_path}")
     return report
