@@ -409,8 +409,8 @@ PRESET_CONFIGS: dict[str, Preset] = {
             "sample_run": _grid([512], [2, 3], [2, 784], steps=100),
             "train_step": _grid([512], [3], [2, 784, 3072]),
         },
-        budget_s=1.0, min_samples=10, max_samples=500, compile=True, compile_budget_s=1800.0,
-        copy_bytes=256 << 20,
+        budget_s=1.0, min_samples=10, max_samples=500, compile=True, compile_budget_s=1200.0,
+        copy_bytes=256 << 20, compile_cases=("transition", "perturb", "perturb_data", "dsm_loss"),
     ),
 }
 
