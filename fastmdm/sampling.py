@@ -35,6 +35,7 @@ from .solvers import (
     heun_plan,
     prediction_map,
     sscs_plan,
+    transition_at,
     tweedie_weights,
 )
 
@@ -98,15 +99,17 @@ def _plan(diffusion: LinearDiffusion, solver: str, times: Tensor, prediction: st
 
 
 class _Network:
-    """Calls model(u, t_n) with t as a (B,) tensor in the state's dtype and validates the first output."""
+    """Calls model(u, t) with t a (B,) tensor in the state's dtype; validates the first output, counts NFE."""
 
-    def __init__(self, model, prediction: str, times: Tensor, u: Tensor):
+    def __init__(self, model, prediction: str, u: Tensor):
         self.model, self.prediction, self.nfe = model, prediction, 0
-        self.t = times.to(device=u.device, dtype=u.dtype)[:, None].expand(-1, u.shape[0]).contiguous()
+        self.batch, self.device, self.dtype = u.shape[0], u.device, u.dtype
 
-    @staged("sample.network")
-    def __call__(self, u: Tensor, n: int | Tensor) -> Tensor:
-        t = self.t[n] if isinstance(n, int) else n
+    def times(self, times: Tensor) -> Tensor:
+        """A (len(times), B) table of model times, built before a loop."""
+        return times.to(device=self.device, dtype=self.dtype)[:, None].expand(-1, self.batch).contiguous()
+
+    def __call__(self, u: Tensor, t: Tensor) -> Tensor:
         out = self.model(u, t)
         if self.nfe == 0:
             out = check_output(out, u, self.prediction)
@@ -136,7 +139,8 @@ def _noise_seeds(steps: int, generator, device) -> Tensor:
     return torch.randint(0, 2**31 - 1, (steps,), generator=generator, device=gen_device).to(device)
 
 
-def _run_linear(plan, pmap, net: _Network, u: Tensor, generator, progress, traj: list | None) -> Tensor:
+def _run_linear(plan, pmap, net: _Network, u: Tensor, generator, progress, traj: list | None,
+                corrector=None) -> Tensor:
     """The loop u ← Φ (u + Λ ε̂_n) + Σ_j Γ_j ε̂_{n−j} + C ξ of the fixed-grid solvers (a fused step)."""
     from .kernels.sde_step import sde_step
 
@@ -150,29 +154,35 @@ def _run_linear(plan, pmap, net: _Network, u: Tensor, generator, progress, traj:
     if plan.pre_phi is not None:
         pre = torch.stack([plan.pre_phi, plan.pre_noise], 1).to(u.device)
     seeds = _noise_seeds(2 * N, generator, u.device)
+    t_eval = net.times(plan.eval_times)
     history: list[Tensor] = []
     for n in range(N):
         if pre is not None:
             u = sde_step(u, [], pre[n], seeds, N + n, True, generator)
-        eps = _to_eps(net(u, n), u, pmap, n)
+        eps = _to_eps(net(u, t_eval[n]), u, pmap, n)
         history = [eps, *history][:H]
         u = sde_step(u, history, coefs[n, : 3 + len(history)], seeds, n, noisy[n], generator)
+        if corrector is not None:
+            u = corrector(u, n + 1)
         if traj is not None:
             traj.append(u)
         _progress(progress, n + 1, N)
     return u
 
 
-def _run_heun(plan, pmap, net: _Network, u: Tensor, progress, traj: list | None) -> Tensor:
+def _run_heun(plan, pmap, net: _Network, u: Tensor, progress, traj: list | None, corrector=None) -> Tensor:
     """Heun on du/dρ = J_n u + B_n ε̂: predictor u + Δρ k₁, corrector u + Δρ/2 (k₁ + k₂)."""
     J, Bm = plan.state.to(u.device), plan.eps.to(u.device)
     N = plan.drho.numel()
     drho = plan.drho.tolist()
+    t_eval = net.times(plan.times)
     for n in range(N):
-        k1 = apply_kk(J[n], u) + apply_kk(Bm[n], _to_eps(net(u, n), u, pmap, n))
+        k1 = apply_kk(J[n], u) + apply_kk(Bm[n], _to_eps(net(u, t_eval[n]), u, pmap, n))
         guess = u + drho[n] * k1
-        k2 = apply_kk(J[n + 1], guess) + apply_kk(Bm[n + 1], _to_eps(net(guess, n + 1), guess, pmap, n + 1))
-        u = u + (0.5 * drho[n]) * (k1 + k2)
+        eps2 = _to_eps(net(guess, t_eval[n + 1]), guess, pmap, n + 1)
+        u = u + (0.5 * drho[n]) * (k1 + apply_kk(J[n + 1], guess) + apply_kk(Bm[n + 1], eps2))
+        if corrector is not None:
+            u = corrector(u, n + 1)
         if traj is not None:
             traj.append(u)
         _progress(progress, n + 1, N)
@@ -196,16 +206,30 @@ def _rho(diffusion: LinearDiffusion, times) -> list[float]:
     return diffusion.tau(torch.as_tensor(times, dtype=torch.float64)).log().tolist()
 
 
-def _langevin(u: Tensor, net: _Network, grid_map, n: int, chol: Tensor, snr: float, generator) -> Tensor:
-    """Preconditioned Langevin at fixed t: z = L⁻¹u ← z − η ε̂ + sqrt(2η) ξ, η = 2 (snr ‖ξ‖ / ‖ε̂‖)²."""
-    eps = _to_eps(net(u, net.t[n]), u, grid_map, n)
-    xi = torch.randn(u.shape, dtype=u.dtype, device=u.device, generator=generator)
-    ratio = xi.flatten(1).norm(dim=1) / eps.flatten(1).norm(dim=1).clamp_min(torch.finfo(u.dtype).tiny)
-    eta = (2 * (snr * ratio) ** 2).view(-1, *([1] * (u.dim() - 1)))
-    return u + apply_kk(chol, (2 * eta).sqrt() * xi - eta * eps)
+def _langevin_corrector(net: _Network, diffusion: LinearDiffusion, times: Tensor, grid_map, snr: float,
+                        steps: int, generator, u: Tensor):
+    """Preconditioned Langevin at t_n: z = L⁻¹u ← z − η ε̂ + sqrt(2η) ξ, η = 2 (snr ‖ξ‖ / ‖ε̂‖)².
+
+    With the preconditioner Σ_t = L Lᵀ this is u ← u + η Σ_t s + sqrt(2η) L ξ, a Langevin chain for p_t
+    whose step is well scaled in every variable (Song et al.'s rule in whitened coordinates; the norms
+    are batch means as in their code — a per-sample η depends on the state and biases the chain).
+    """
+    chol = transition_at(diffusion, times).chol.to(device=u.device, dtype=u.dtype)
+    t_grid = net.times(times)
+
+    def correct(u: Tensor, n: int) -> Tensor:
+        for _ in range(steps):
+            eps = _to_eps(net(u, t_grid[n]), u, grid_map, n)
+            xi = torch.randn(u.shape, dtype=u.dtype, device=u.device, generator=generator)
+            tiny = torch.finfo(u.dtype).tiny
+            ratio = xi.flatten(1).norm(dim=1).mean() / eps.flatten(1).norm(dim=1).mean().clamp_min(tiny)
+            eta = 2 * (snr * ratio) ** 2
+            u = u + apply_kk(chol[n], (2 * eta).sqrt() * xi - eta * eps)
+        return u
+
+    return correct
 
 
-@staged("sample")
 def sample(model, diffusion: LinearDiffusion, shape, steps: int | None = None, solver: str = "ei-ode",
            prediction: str | None = None, generator: torch.Generator | None = None, progress=False,
            return_trajectory: bool = False, *, grid: str | None = None, order: int = 2,
@@ -245,6 +269,8 @@ def sample(model, diffusion: LinearDiffusion, shape, steps: int | None = None, s
         raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+    if solver == "ancestral" and not (isinstance(eta, (int, float)) and 0 <= eta <= 1):
+        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
     if not (isinstance(snr, (int, float)) and snr > 0):
         raise ValueError(f"snr must be a positive number, got {snr!r}")
     check_steps(corrector_steps, "corrector_steps")
@@ -258,7 +284,7 @@ def sample(model, diffusion: LinearDiffusion, shape, steps: int | None = None, s
     times = time_grid(diffusion, steps, grid)
     with torch.no_grad():
         u = diffusion.prior_sample(shape, generator=generator, device=device)
-        net = _Network(model, prediction, times, u)
+        net = _Network(model, prediction, u)
         traj = [u] if return_trajectory else None
         if solver == "rk45":
             counter = [0]
@@ -270,16 +296,13 @@ def sample(model, diffusion: LinearDiffusion, shape, steps: int | None = None, s
         else:
             options = (("order", order), ("noise", noise)) if solver == "ei-ode" else (
                 (("eta", float(eta)),) if solver == "ancestral" else ())
-            if solver == "ancestral" and not (isinstance(eta, (int, float)) and 0 <= eta <= 1):
-                raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
             plan, pmap, grid_map = _plan(diffusion, solver, times, prediction, options)
-            if corrector is None and solver != "heun":
-                u = _run_linear(plan, pmap, net, u, generator, progress, traj)
-            elif solver == "heun" and corrector is None:
-                u = _run_heun(plan, pmap, net, u, progress, traj)
+            correct = None if corrector is None else _langevin_corrector(
+                net, diffusion, times, grid_map, snr, corrector_steps, generator, u)
+            if solver == "heun":
+                u = _run_heun(plan, pmap, net, u, progress, traj, correct)
             else:
-                u = _run_with_corrector(solver, plan, pmap, grid_map, net, u, diffusion, times, generator,
-                                        progress, traj, snr, corrector_steps)
+                u = _run_linear(plan, pmap, net, u, generator, progress, traj, correct)
         x = u[:, 0]
         if denoise:
             x = _denoise(net, diffusion, times, prediction, u)
@@ -291,48 +314,10 @@ def sample(model, diffusion: LinearDiffusion, shape, steps: int | None = None, s
     return result[0] if len(result) == 1 else tuple(result)
 
 
-def _run_with_corrector(solver, plan, pmap, grid_map, net, u, diffusion, times, generator, progress, traj,
-                        snr, corrector_steps):
-    """Predictor steps one at a time, each followed by Langevin corrector steps at t_{n+1}."""
-    N = times.numel() - 1
-    chol = [m.to(device=u.device, dtype=u.dtype)
-            for m in diffusion.transition_f64(times.to(u.device), "hybrid").chol]
-    for n in range(N):
-        if solver == "heun":
-            sub = plan._replace(state=plan.state[n: n + 2], eps=plan.eps[n: n + 2], drho=plan.drho[n: n + 1])
-            step_map = grid_map if grid_map.out_mat is None else type(grid_map)(
-                *(None if m is None else m[n: n + 2] for m in grid_map))
-            sub_net = _SubNetwork(net, n)
-            u = _run_heun(sub, step_map, sub_net, u, False, None)
-        else:
-            sub = plan._replace(**{f: (None if getattr(plan, f) is None else getattr(plan, f)[n: n + 1])
-                                   for f in ("phi", "lam", "gamma", "noise", "eval_times", "pre_phi",
-                                             "pre_noise")})
-            step_map = pmap if pmap.out_mat is None else type(pmap)(
-                *(None if m is None else m[n: n + 1] for m in pmap))
-            u = _run_linear(sub, step_map, _SubNetwork(net, n), u, generator, False, None)
-        for _ in range(corrector_steps):
-            u = _langevin(u, net, grid_map, n + 1, chol[n + 1], snr, generator)
-        if traj is not None:
-            traj.append(u)
-        _progress(progress, n + 1, N)
-    return u
-
-
-class _SubNetwork:
-    """A view of a _Network whose step index is offset by ``start`` (one predictor step at a time)."""
-
-    def __init__(self, net: _Network, start: int):
-        self.net, self.start = net, start
-
-    def __call__(self, u: Tensor, n: int) -> Tensor:
-        return self.net(u, self.start + n)
-
-
 def _denoise(net: _Network, diffusion: LinearDiffusion, times: Tensor, prediction: str, u: Tensor) -> Tensor:
     """x̂₀ = wᵀ(L⁻¹u − ε̂) at t_min (Tweedie, GLS projection onto the data direction)."""
     t_min = times[-1:]
-    out = net(u, net.t[-1])
+    out = net(u, net.times(t_min)[0])
     if prediction == "x0":
         return out[:, 0]
     pmap = prediction_map(diffusion, t_min, prediction)
