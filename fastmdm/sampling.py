@@ -109,6 +109,7 @@ class _Network:
         """A (len(times), B) table of model times, built before a loop."""
         return times.to(device=self.device, dtype=self.dtype)[:, None].expand(-1, self.batch).contiguous()
 
+    @staged("sample.network")
     def __call__(self, u: Tensor, t: Tensor) -> Tensor:
         out = self.model(u, t)
         if self.nfe == 0:
@@ -230,6 +231,7 @@ def _langevin_corrector(net: _Network, diffusion: LinearDiffusion, times: Tensor
     return correct
 
 
+@staged("sample")
 def sample(model, diffusion: LinearDiffusion, shape, steps: int | None = None, solver: str = "ei-ode",
            prediction: str | None = None, generator: torch.Generator | None = None, progress=False,
            return_trajectory: bool = False, *, grid: str | None = None, order: int = 2,
