@@ -234,7 +234,7 @@ def _langevin_corrector(net: _Network, diffusion: LinearDiffusion, times: Tensor
 @staged("sample")
 def sample(model, diffusion: LinearDiffusion, shape, steps: int | None = None, solver: str = "ei-ode",
            prediction: str | None = None, generator: torch.Generator | None = None, progress=False,
-           return_trajectory: bool = False, *, grid: str | None = None, order: int = 2,
+           return_trajectory: bool = False, *, grid: str | None = None, order: int = 3,
            noise: str = "rotated", eta: float = 1.0, rtol: float = 1e-4, atol: float = 1e-4,
            corrector: str | None = None, snr: float = 0.16, corrector_steps: int = 1,
            denoise: bool = False, return_info: bool = False, device=None):
