@@ -32,9 +32,9 @@ MODELS = [("vpsde", None, "VP-SDE"), ("cld", None, "CLD"), ("malda", 3, "MALDA(3
 
 
 def _figure_samples(results: list, path: str) -> None:
-    from fastmdm.cli import _pyplot
+    from fastmdm.cli import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(3 * len(results), 3.3))
     for ax, r in zip(axes, results, strict=True):
         x = r["samples"][:64, 0]
@@ -51,9 +51,9 @@ def _figure_samples(results: list, path: str) -> None:
 
 
 def _figure_losses(results: list, path: str) -> None:
-    from fastmdm.cli import _pyplot
+    from fastmdm.cli import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     d_ln2 = 64 * math.log(2)
     for r in results:

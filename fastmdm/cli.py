@@ -39,7 +39,7 @@ Z_95 = 1.959964  # two-sided 95% normal quantile
 
 
 # -- figures ------------------------------------------------------------------------------
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
 
@@ -52,7 +52,7 @@ def _pyplot():
 
 def save_samples_figure(x: torch.Tensor, path: str, title: str | None = None) -> None:
     """Images (N, C, H, W) as a grid, or 2-D points (N, 2) as a scatter plot, saved as PNG."""
-    plt = _pyplot()
+    plt = pyplot()
     x = x.detach().to("cpu", torch.float64)
     if x.dim() == 2 and x.shape[1] == 2:
         fig, ax = plt.subplots(figsize=(4, 4))
@@ -82,7 +82,7 @@ def save_samples_figure(x: torch.Tensor, path: str, title: str | None = None) ->
 
 def save_loss_curve(history: dict, path: str, title: str | None = None) -> None:
     """Training loss (moving average over 50 steps) and, if present, evaluation BPD, saved as PNG."""
-    plt = _pyplot()
+    plt = pyplot()
     loss = torch.tensor(history["loss"], dtype=torch.float64)
     window = max(1, min(50, loss.numel() // 5))
     smooth = torch.nn.functional.avg_pool1d(loss[None, None], window, 1).flatten()
