@@ -82,7 +82,7 @@ GAUSS_RUNS = [
     ("ancestral", dict(steps=150)),
     ("ancestral", dict(steps=150, eta=0.5)),
     ("heun", dict(steps=100)),
-    ("rk45", dict(rtol=1e-4, atol=1e-4)),
+    ("rk45", dict(rtol=1e-3, atol=1e-3)),
     ("sscs", dict(steps=150)),
     ("ei-ode", dict(steps=60, order=3, corrector="langevin", snr=0.05)),
 ]
@@ -196,10 +196,10 @@ def test_determinism_and_float32():
 def test_encode_decode_round_trip():
     for diff in (fm.vpsde(), fm.cld()):
         model = mixture_model(MIX, diff)
-        x = MIX.sample(4, generator=gen())
-        z, info = encode(model, diff, x, rtol=1e-6, atol=1e-6, return_info=True)
-        assert z.shape == (4, diff.K, 2) and info["nfe"] > 0
-        state = decode(model, diff, z, rtol=1e-6, atol=1e-6, return_state=True)
+        x = MIX.sample(2, generator=gen())
+        z, info = encode(model, diff, x, rtol=1e-5, atol=1e-5, return_info=True)
+        assert z.shape == (2, diff.K, 2) and info["nfe"] > 0
+        state = decode(model, diff, z, rtol=1e-5, atol=1e-5, return_state=True)
         assert (state[:, 0] - x).abs().max() < 1e-3
         assert diff.K == 1 or state[:, 1:].abs().max() < 1e-3  # the auxiliaries started at 0
 
