@@ -41,6 +41,14 @@ def _matmul(X, Y, K: tl.constexpr):
 
 
 @triton.jit
+def _add(X, Y, K: tl.constexpr):
+    out = ()
+    for i in tl.static_range(K * K):
+        out = out + (X[i] + Y[i],)
+    return out
+
+
+@triton.jit
 def _sym_abt(X, Y, K: tl.constexpr):
     """Symmetric (X Yᵀ)[i, j] = Σ_l X[i, l] Y[j, l], computed for i ≤ j and mirrored."""
     out = ()
@@ -130,7 +138,8 @@ def _lower_inverse(L, K: tl.constexpr):
 
 @triton.jit
 def _transition_kernel(
-    a_ptr, two_d_ptr, var_ptr, tau_ptr, norm_ptr, m_ptr, cov_ptr, chol_ptr, inv_t_ptr, B, aux_std,
+    a_ptr, two_d_ptr, var_ptr, tau_ptr, norm_ptr, aux_std_ptr, m_ptr, cov_ptr, chol_ptr, inv_t_ptr,
+    B,
     K: tl.constexpr, HYBRID: tl.constexpr, TAYLOR: tl.constexpr, LYAPUNOV: tl.constexpr,
     BLOCK_B: tl.constexpr,
 ):
@@ -143,45 +152,47 @@ def _transition_kernel(
     tau_s = tau / tl.exp2(s)  # = τ where τ‖A‖₂ ≤ 1 (s = 0), the series' domain
     s = s.to(tl.int32)
     X = ()
-    two_d = ()
+    for i in tl.static_range(K * K):
+        X = X + (tau_s * tl.load(a_ptr + i),)
+    # P: series Σ term_n, term_0 = τ·2D, term_n = (X term + term Xᵀ) / (n + 1) where τ‖A‖₂ ≤ 1
+    # (symmetric: entries j < i mirror j > i), else the closed form Σ∞ − M Σ∞ Mᵀ (below)
+    term = ()
+    for i in tl.static_range(K):
+        for j in tl.static_range(K):
+            if j < i:
+                term = term + (term[j * K + i],)
+            else:
+                sym = tl.load(two_d_ptr + i * K + j) + tl.load(two_d_ptr + j * K + i)
+                term = term + (tau_s * (0.5 * sym),)
+    P = term
+    for n in tl.range(1, LYAPUNOV + 1, loop_unroll_factor=1):
+        Y = _matmul(X, term, K)  # term Xᵀ = (X term)ᵀ: term is symmetric
+        nxt = ()
+        for i in tl.static_range(K):
+            for j in tl.static_range(K):
+                if j < i:
+                    nxt = nxt + (nxt[j * K + i],)
+                else:
+                    nxt = nxt + ((Y[i * K + j] + Y[j * K + i]) / (n + 1),)
+        term = nxt
+        P = _add(P, term, K)
+    # M = Σ Xⁿ/n!, term_n = term_{n-1} X / n, then s squarings
     M = ()
     for i in tl.static_range(K):
         for j in tl.static_range(K):
-            X = X + (tau_s * tl.load(a_ptr + i * K + j),)
-            two_d = two_d + (tau_s * tl.load(two_d_ptr + i * K + j),)
             if i == j:
                 M = M + (X[i * K + j] + 1.0,)
             else:
                 M = M + (X[i * K + j],)
-    # M = Σ Xⁿ/n!, term_n = term_{n-1} X / n, then s squarings
     term = X
     for n in tl.range(2, TAYLOR + 1, loop_unroll_factor=1):
-        term = _matmul(term, X, K)
-        nxt = ()
+        prod = _matmul(term, X, K)
+        term = ()
         for i in tl.static_range(K * K):
-            nxt = nxt + (term[i] / n,)
-        term = nxt
-        nxt = ()
-        for i in tl.static_range(K * K):
-            nxt = nxt + (M[i] + term[i],)
-        M = nxt
+            term = term + (prod[i] / n,)
+        M = _add(M, term, K)
     for it in tl.range(tl.max(s, axis=0), loop_unroll_factor=1):
         M = _where(s > it, _matmul(M, M, K), M, K)
-    # P: series Σ term_n, term_0 = τ·2D, term_n = (X term + term Xᵀ) / (n + 1) where τ‖A‖₂ ≤ 1,
-    # else the closed form Σ∞ − M Σ∞ Mᵀ
-    term = two_d
-    P = two_d
-    for n in tl.range(1, LYAPUNOV + 1, loop_unroll_factor=1):
-        Y = _matmul(X, term, K)
-        nxt = ()
-        for i in tl.static_range(K):
-            for j in tl.static_range(K):
-                nxt = nxt + ((Y[i * K + j] + Y[j * K + i]) / (n + 1),)
-        term = nxt
-        nxt = ()
-        for i in tl.static_range(K * K):
-            nxt = nxt + (P[i] + term[i],)
-        P = nxt
     m_var = ()
     for i in tl.static_range(K):
         for j in tl.static_range(K):
@@ -198,6 +209,7 @@ def _transition_kernel(
     L = _cholesky(P, K)
     cov = P
     if HYBRID:
+        aux_std = tl.load(aux_std_ptr)
         aux = ()
         for i in tl.static_range(K * K):
             aux = aux + (aux_std * M[i],)
@@ -260,10 +272,9 @@ def _launch(A: Tensor, two_d: Tensor, tau: Tensor, init_aux_var: float | None,
         hybrid = init_aux_var is not None and K > 1
         block = _block_b(tau.shape[0], tau.device)
         _transition_kernel[(triton.cdiv(tau.shape[0], block),)](
-            A, two_d, var, tau, norm, *outs, tau.shape[0],
-            float(init_aux_var) ** 0.5 if hybrid else 0.0,
-            K=K, HYBRID=hybrid, TAYLOR=TAYLOR_TERMS, LYAPUNOV=LYAPUNOV_TERMS, BLOCK_B=block,
-            num_warps=1,
+            A, two_d, var, tau, norm, torch.full_like(norm, init_aux_var**0.5 if hybrid else 0.0),
+            *outs, tau.shape[0], K=K, HYBRID=hybrid, TAYLOR=TAYLOR_TERMS,
+            LYAPUNOV=LYAPUNOV_TERMS, BLOCK_B=block, num_warps=1,
         )
     return outs
 

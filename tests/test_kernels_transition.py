@@ -244,8 +244,8 @@ COMPILE_SCRIPT = textwrap.dedent("""
     ptrs = lambda names, t="*fp64": {n: t for n in names.split()}
     ints = lambda names: {n: "i64" for n in names.split()}
     build(transition._transition_kernel,
-          {**ptrs("a_ptr two_d_ptr var_ptr tau_ptr norm_ptr m_ptr cov_ptr chol_ptr inv_t_ptr"),
-           "B": "i32", "aux_std": "fp64"},
+          {**ptrs("a_ptr two_d_ptr var_ptr tau_ptr norm_ptr aux_std_ptr m_ptr cov_ptr chol_ptr "
+                  "inv_t_ptr"), "B": "i32"},
           K=3, HYBRID=True, TAYLOR=TAYLOR_TERMS, LYAPUNOV=LYAPUNOV_TERMS, BLOCK_B=32)
     build(perturb._perturb_fwd,
           {"x_ptr": "*bf16", **ptrs("coef_ptr chol_ptr noise_ptr", "*fp32"),
