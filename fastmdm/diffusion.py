@@ -270,7 +270,13 @@ class LinearDiffusion(nn.Module):
         shape = tuple(x0.shape) if start == "full" else (x0.shape[0], self.K, *x0.shape[1:])
         if noise is not None and tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
-        tk = self.transition_f64(t64, start)
+        return self.perturb_with_kernel(x0, self.transition_f64(t64, start), start, generator, noise)
+
+    def perturb_with_kernel(self, x0: Tensor, tk: TransitionKernel, start: str = "hybrid",
+                            generator: torch.Generator | None = None,
+                            noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """u_t = M_t m₀ + L_t ε for an already computed (float64) kernel; inputs unchecked."""
+        shape = tuple(x0.shape) if start == "full" else (x0.shape[0], self.K, *x0.shape[1:])
         if use_triton(x0.device) and self.K <= MAX_TRITON_K:
             from .kernels.perturb import perturb_transition
 

@@ -76,13 +76,15 @@ def drift_divergence(diffusion: LinearDiffusion, t64: Tensor, d: int) -> Tensor:
     return diffusion.beta(t64) * torch.diagonal(diffusion.A).sum().to(t64.device) * d
 
 
-def prior_cross_entropy(diffusion: LinearDiffusion, x0: Tensor) -> Tensor:
+def prior_cross_entropy(diffusion: LinearDiffusion, x0: Tensor,
+                        kernel_T: TransitionKernel | None = None) -> Tensor:
     """−E log π(u_T), u_T ~ q(u_T | x) hybrid, π = N(0, Σ∞) — exact, float64 (B,).
 
     ½[d log det(2πΣ∞) + d tr(Σ∞⁻¹ Σ_T) + (aᵀ Σ∞⁻¹ a) ‖x‖²], a = M_T[:, 0].
+    ``kernel_T``: the hybrid kernel at T if already computed (batch 1 or B).
     """
-    B, d = x0.shape[0], data_dim(x0.shape)
-    tk = diffusion.transition_f64(diffusion.check_time(diffusion.T, B, x0.device))
+    d = data_dim(x0.shape)
+    tk = kernel_T or diffusion.transition_f64(diffusion.check_time(diffusion.T, 1, x0.device))
     var = diffusion.stationary_var.to(x0.device)
     a = tk.mean_coef[:, :, 0]
     tr = (torch.diagonal(tk.cov, dim1=-2, dim2=-1) / var).sum(-1)
@@ -104,18 +106,21 @@ def _aux_sample(diffusion: LinearDiffusion, x0: Tensor, generator) -> Tensor:
 
 
 def tmin_offset(model, diffusion: LinearDiffusion, x0: Tensor, prediction: str = "eps",
-                generator: torch.Generator | None = None) -> Tensor:
+                generator: torch.Generator | None = None,
+                kernels: tuple[TransitionKernel, TransitionKernel] | None = None) -> Tensor:
     """log p(u₀ | u_ε) − log q(u_ε | u₀) at t_min (full start), one sample, (B,).
 
     The decoder is Tweedie's: N(M⁻¹(u_ε + Σ s), M⁻¹ Σ M⁻ᵀ). With u_ε = M u₀ + L ε this is
     −½‖ε + Lᵀ s‖² + ½‖ε‖² + d τ(t_min) tr(A), free of the O(τ) cancellations.
+    ``kernels``: the (full, hybrid) kernels at t_min if already computed (batch 1).
     """
     B, d = x0.shape[0], data_dim(x0.shape)
-    u0 = _aux_sample(diffusion, x0, generator)
     t64 = diffusion.check_time(diffusion.t_min, B, x0.device)
-    u_eps, eps = diffusion.perturb(u0, t64, start="full", generator=generator)
-    full = diffusion.transition_f64(t64, "full")
-    hybrid = diffusion.transition_f64(t64, "hybrid")
+    if kernels is None:
+        kernels = tuple(diffusion.transition_f64(t64[:1], start) for start in ("full", "hybrid"))
+    full, hybrid = (TransitionKernel(*(m.expand(B, -1, -1) for m in tk)) for tk in kernels)
+    u_eps, eps = diffusion.perturb_with_kernel(_aux_sample(diffusion, x0, generator), full, "full",
+                                               generator)
     score = score_from_output(call_model(model, u_eps, t64, prediction), u_eps, hybrid, prediction)
     resid = eps + apply_kk(full.chol.transpose(-1, -2), score)
     log_det = diffusion.tau(t64) * torch.diagonal(diffusion.A).sum().to(t64.device) * d
@@ -125,15 +130,20 @@ def tmin_offset(model, diffusion: LinearDiffusion, x0: Tensor, prediction: str =
 def _elbo_terms(model, diffusion, x0, prediction, importance, generator, t, integrand) -> Tensor:
     _check_inputs(diffusion, x0, prediction)
     t64, pdf = _time(diffusion, x0, t, importance, generator)
-    u, eps = diffusion.perturb(x0, t64, generator=generator)
-    tk = diffusion.transition_f64(t64, "hybrid")
+    B = x0.shape[0]
+    ends = torch.tensor([diffusion.T, diffusion.t_min], dtype=torch.float64, device=x0.device)
+    hybrid = diffusion.transition_f64(torch.cat([t64, ends]), "hybrid")  # t, T and t_min at once
+    tk, at_T, at_tmin = (TransitionKernel(*(m[rows] for m in hybrid))
+                         for rows in (slice(0, B), slice(B, B + 1), slice(B + 1, B + 2)))
+    u, eps = diffusion.perturb_with_kernel(x0, tk, "hybrid", generator)
     with stage("elbo.integrand"):
         ell = integrand(u, eps, t64, tk)  # (B,)
     integral = ell / pdf.to(ell.dtype)
     with stage("elbo.tmin_offset"):
-        offset = tmin_offset(model, diffusion, x0, prediction, generator)
+        full = diffusion.transition_f64(ends[1:], "full")
+        offset = tmin_offset(model, diffusion, x0, prediction, generator, (full, at_tmin))
     with stage("elbo.prior"):
-        elbo = -prior_cross_entropy(diffusion, x0).to(x0.dtype) + integral + offset
+        elbo = -prior_cross_entropy(diffusion, x0, at_T).to(x0.dtype) + integral + offset
     return -(elbo + aux_entropy(diffusion, x0))
 
 
