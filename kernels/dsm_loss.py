@@ -15,7 +15,7 @@ from torch import Tensor
 
 from fastmdm.dsm import NoiseSeed
 
-from .perturb import MAX_K, acc_dtype, block_d, noise_block, strides3
+from .perturb import MAX_K, acc_dtype, block_d, noise_block, on, strides3
 
 
 @triton.jit
@@ -90,8 +90,9 @@ def _launch_fwd(eh, noise, w, seed, offset):
     block = block_d(d, eh.device)
     part = torch.zeros((B, triton.cdiv(d, block)), dtype=w.dtype, device=eh.device)
     if eh.numel():
-        _dsm_fwd[part.shape](eh, noise, w, part, seed, offset, d, *strides3(eh), *strides3(noise),
-                             K=K, FROM_SEED=noise is None, BLOCK_D=block)
+        with on(eh.device):
+            _dsm_fwd[part.shape](eh, noise, w, part, seed, offset, d, *strides3(eh),
+                                 *strides3(noise), K=K, FROM_SEED=noise is None, BLOCK_D=block)
     return part.sum(1)
 
 
@@ -102,9 +103,10 @@ def _launch_bwd(eh, noise, w, go, seed, offset, need_eh, need_w):
     geh = torch.empty((B, K, d), dtype=eh.dtype, device=eh.device) if need_eh else None
     gw = torch.zeros((B, nblk, K, K), dtype=w.dtype, device=eh.device) if need_w else None
     if eh.numel():
-        _dsm_bwd[(B, nblk)](eh, noise, w, go, geh, gw, seed, offset, d, *strides3(eh),
-                            *strides3(noise), K=K, FROM_SEED=noise is None, NEED_EPS_HAT=need_eh,
-                            NEED_W=need_w, BLOCK_D=block)
+        with on(eh.device):
+            _dsm_bwd[(B, nblk)](eh, noise, w, go, geh, gw, seed, offset, d, *strides3(eh),
+                                *strides3(noise), K=K, FROM_SEED=noise is None,
+                                NEED_EPS_HAT=need_eh, NEED_W=need_w, BLOCK_D=block)
     return geh, None if gw is None else gw.sum(1)
 
 

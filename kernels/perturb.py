@@ -14,11 +14,14 @@ Arithmetic in float32 (float64 for float64 data); any strides are accepted.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastmdm.dsm import NoiseSeed
 from fastmdm.ops import apply_kk
 from fastmdm.transition import TransitionKernel
 
@@ -120,6 +123,11 @@ def _perturb_bwd(
                 tl.store(gchol_ptr + (part * K + k) * K + l, tl.sum(gs[k] * e, axis=0))
 
 
+def on(device: torch.device):
+    """Context in which to launch for tensors on ``device`` (Triton uses the current GPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def block_d(d: int, device: torch.device) -> int:
     """Data columns per program (a power of two ≥ 16, so a multiple of the 4 normals per Philox
     call): 1024 on GPU; as few programs as possible in the interpreter."""
@@ -149,11 +157,12 @@ def _launch_fwd(x, coef, chol, noise, seed, offset, full, write_noise):
     eps = torch.empty_like(out) if write_noise else None
     if out.numel():
         block = block_d(d, x.device)
-        _perturb_fwd[(B, triton.cdiv(d, block))](
-            x, coef, chol, noise, out, eps, seed, offset, d, *_strides_x(x, full),
-            *strides3(noise), K=K, FULL=full, FROM_SEED=noise is None, WRITE_NOISE=write_noise,
-            BLOCK_D=block,
-        )
+        with on(x.device):
+            _perturb_fwd[(B, triton.cdiv(d, block))](
+                x, coef, chol, noise, out, eps, seed, offset, d, *_strides_x(x, full),
+                *strides3(noise), K=K, FULL=full, FROM_SEED=noise is None,
+                WRITE_NOISE=write_noise, BLOCK_D=block,
+            )
     return out, eps
 
 
@@ -168,11 +177,12 @@ def _launch_bwd(g, x, coef, noise, seed, offset, full, needs):
              if need_coef else None)
     gchol = torch.empty((B, nblk, K, K), dtype=acc, device=g.device) if need_chol else None
     if g.numel():
-        _perturb_bwd[(B, nblk)](
-            g, x, coef, noise, gx, gcoef, gchol, seed, offset, d, *strides3(g),
-            *_strides_x(x, full), *strides3(noise), K=K, FULL=full, FROM_SEED=noise is None,
-            NEED_X=need_x, NEED_COEF=need_coef, NEED_CHOL=need_chol, BLOCK_D=block,
-        )
+        with on(g.device):
+            _perturb_bwd[(B, nblk)](
+                g, x, coef, noise, gx, gcoef, gchol, seed, offset, d, *strides3(g),
+                *_strides_x(x, full), *strides3(noise), K=K, FULL=full, FROM_SEED=noise is None,
+                NEED_X=need_x, NEED_COEF=need_coef, NEED_CHOL=need_chol, BLOCK_D=block,
+            )
     return (gx, *(None if p is None else p.sum(1, dtype=torch.float64) for p in (gcoef, gchol)))
 
 
@@ -278,10 +288,15 @@ def draw_seed(generator: torch.Generator | None = None) -> int:
 
 
 def perturb_transition(x0: Tensor, tk: TransitionKernel, start: str = "hybrid",
-                       generator: torch.Generator | None = None,
-                       noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """:meth:`LinearDiffusion.perturb` on the Triton path: (u_t, ε), ε drawn if not given."""
+                       generator: torch.Generator | None = None, noise: Tensor | None = None,
+                       store_noise: bool = True) -> tuple[Tensor, Tensor | NoiseSeed]:
+    """:meth:`LinearDiffusion.perturb` on the Triton path: (u_t, ε) with ε given, or drawn from
+    a seed that ``generator`` picks. ``store_noise=False`` returns the :class:`NoiseSeed`
+    instead of ε (nothing stored; :func:`fastmdm.dsm.weighted_dsm` regenerates it)."""
     coef = tk.mean_coef if start == "full" else tk.mean_coef[:, :, 0]
     if noise is not None:
         return perturb_with_noise(x0, coef, tk.chol, noise, start), noise
-    return perturb_seeded(x0, coef, tk.chol, draw_seed(generator), start, return_noise=True)
+    seed = draw_seed(generator)
+    if store_noise:
+        return perturb_seeded(x0, coef, tk.chol, seed, start, return_noise=True)
+    return perturb_seeded(x0, coef, tk.chol, seed, start), NoiseSeed(seed)

@@ -24,6 +24,8 @@ from torch import Tensor
 
 from fastmdm.transition import LYAPUNOV_TERMS, TAYLOR_TERMS, TransitionKernel, transition_kernel
 
+from .perturb import on
+
 MAX_K = 8
 
 
@@ -271,11 +273,12 @@ def _launch(A: Tensor, two_d: Tensor, tau: Tensor, init_aux_var: float | None,
     if tau.shape[0]:
         hybrid = init_aux_var is not None and K > 1
         block = _block_b(tau.shape[0], tau.device)
-        _transition_kernel[(triton.cdiv(tau.shape[0], block),)](
-            A, two_d, var, tau, norm, torch.full_like(norm, init_aux_var**0.5 if hybrid else 0.0),
-            *outs, tau.shape[0], K=K, HYBRID=hybrid, TAYLOR=TAYLOR_TERMS,
-            LYAPUNOV=LYAPUNOV_TERMS, BLOCK_B=block, num_warps=1,
-        )
+        aux_std = torch.full_like(norm, init_aux_var**0.5 if hybrid else 0.0)
+        with on(tau.device):
+            _transition_kernel[(triton.cdiv(tau.shape[0], block),)](
+                A, two_d, var, tau, norm, aux_std, *outs, tau.shape[0], K=K, HYBRID=hybrid,
+                TAYLOR=TAYLOR_TERMS, LYAPUNOV=LYAPUNOV_TERMS, BLOCK_B=block, num_warps=1,
+            )
     return outs
 
 
