@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .diffusion import LinearDiffusion
 from .divergence import draw_seed
+from .dsm import weighted_dsm
 from .importance import sample_time
 from .likelihood import score_linear_field, score_of
 from .ops import apply_kk, data_dim, sum_data
@@ -57,18 +58,19 @@ def dsm_weight(diffusion: LinearDiffusion, t64: Tensor, tk: TransitionKernel) ->
     return tk.chol_inv_t.transpose(-1, -2) @ two_beta_d @ tk.chol_inv_t
 
 
-def weighted_sq_norm(delta: Tensor, W: Tensor) -> Tensor:
-    """Σ_j δ[:, :, j]ᵀ W δ[:, :, j] per sample: (B, K, …), W (B, K, K) -> (B,)."""
-    return sum_data(delta * apply_kk(W, delta))
-
-
 def noise_prediction_loss(model, diffusion: LinearDiffusion, x0: Tensor, t=None,
                           generator: torch.Generator | None = None) -> Tensor:
-    """‖ε̂(u_t, t) − ε‖² summed over K and data dims, t ~ U[t_min, T]; shape (B,)."""
+    """‖ε̂(u_t, t) − ε‖² summed over K and data dims, t ~ U[t_min, T]; shape (B,).
+
+    The weighted DSM pass with W = 2I: on the Triton path ε is regenerated, never stored.
+    """
     _check_inputs(diffusion, x0)
     t64, _ = _time(diffusion, x0, t, False, generator)
-    u, eps = diffusion.perturb(x0, t64, generator=generator)
-    return sum_data((call_model(model, u, t64, "eps") - eps) ** 2)
+    tk = diffusion.transition_f64(t64, "hybrid")
+    u, eps = diffusion.perturb_with_kernel(x0, tk, "hybrid", generator, store_noise=False)
+    K = diffusion.K
+    two = torch.eye(K, dtype=x0.dtype, device=x0.device).mul(2).expand(x0.shape[0], K, K)
+    return weighted_dsm(call_model(model, u, t64, "eps"), eps, two)
 
 
 def drift_divergence(diffusion: LinearDiffusion, t64: Tensor, d: int) -> Tensor:
@@ -127,7 +129,8 @@ def tmin_offset(model, diffusion: LinearDiffusion, x0: Tensor, prediction: str =
     return -0.5 * sum_data(resid**2) + 0.5 * sum_data(eps**2) + log_det.to(x0.dtype)
 
 
-def _elbo_terms(model, diffusion, x0, prediction, importance, generator, t, integrand) -> Tensor:
+def _elbo_terms(model, diffusion, x0, prediction, importance, generator, t, integrand,
+                store_noise: bool = True) -> Tensor:
     _check_inputs(diffusion, x0, prediction)
     t64, pdf = _time(diffusion, x0, t, importance, generator)
     B = x0.shape[0]
@@ -135,7 +138,7 @@ def _elbo_terms(model, diffusion, x0, prediction, importance, generator, t, inte
     hybrid = diffusion.transition_f64(torch.cat([t64, ends]), "hybrid")  # t, T and t_min at once
     tk, at_T, at_tmin = (TransitionKernel(*(m[rows] for m in hybrid))
                          for rows in (slice(0, B), slice(B, B + 1), slice(B + 1, B + 2)))
-    u, eps = diffusion.perturb_with_kernel(x0, tk, "hybrid", generator)
+    u, eps = diffusion.perturb_with_kernel(x0, tk, "hybrid", generator, store_noise=store_noise)
     with stage("elbo.integrand"):
         ell = integrand(u, eps, t64, tk)  # (B,)
     integral = ell / pdf.to(ell.dtype)
@@ -158,17 +161,18 @@ def dsm_elbo(model, diffusion: LinearDiffusion, x0: Tensor, prediction: str = "e
     def integrand(u, eps, t64, tk):
         W = dsm_weight(diffusion, t64, tk)
         out = call_model(model, u, t64, prediction)
-        if prediction == "eps":
-            mismatch = weighted_sq_norm(out - eps, W)
-        else:
-            delta = score_from_output(out, u, tk, prediction) + apply_kk(tk.chol_inv_t, eps)
+        if prediction == "eps":  # ½ Σ (ε̂ − ε)ᵀ W (ε̂ − ε), ε possibly regenerated from its seed
+            mismatch = weighted_dsm(out, eps, W)
+        else:  # ½ Σ (s − ∇log q)ᵀ 2βD (s − ∇log q), ∇log q = −L⁻ᵀ ε
             two_beta_d = 2 * diffusion.beta(t64)[:, None, None] * diffusion.D.to(u.device)
-            mismatch = weighted_sq_norm(delta, two_beta_d)
+            score = score_from_output(out, u, tk, prediction)
+            mismatch = weighted_dsm(score, -apply_kk(tk.chol_inv_t, eps), two_beta_d)
         const = 0.5 * torch.diagonal(W, dim1=-2, dim2=-1).sum(-1) * d + drift_divergence(
             diffusion, t64, d)
-        return -0.5 * mismatch + const.to(mismatch.dtype)
+        return -mismatch + const.to(mismatch.dtype)
 
-    return _elbo_terms(model, diffusion, x0, prediction, importance, generator, t, integrand)
+    return _elbo_terms(model, diffusion, x0, prediction, importance, generator, t, integrand,
+                       store_noise=prediction != "eps")
 
 
 def ism_elbo(model, diffusion: LinearDiffusion, x0: Tensor, prediction: str = "eps",

@@ -23,6 +23,15 @@ def builtin(request):
     return BUILTINS[request.param]()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Small tensors: one thread is as fast and immune to OpenMP spin-waits on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _restore_torch_state():
     dtype = torch.get_default_dtype()

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from fastmdm.cli import build_parser, main
 
@@ -11,13 +10,6 @@ TINY = ["--data", "digits", "--width", "8", "--batch-size", "32", "--eval-every"
         "--checkpoint-every", "10", "--samples", "4", "--sample-steps", "5"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one thread is as fast and immune to OpenMP spin-waits on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_train_resume_sample_eval(tmp_path, capsys):

@@ -5,21 +5,17 @@ Runs under TRITON_INTERPRET=1 on CPU tensors (CI) or on CUDA.
 
 import pytest
 import torch
+from triton_support import require_triton_kernels
 
 import fastmdm as fm
 from fastmdm import reference
-from fastmdm.backend import interpreter_enabled
 from fastmdm.dsm import NoiseSeed, weighted_dsm
 
-pytest.importorskip("triton", reason="triton is not importable")
-if not (interpreter_enabled() or torch.cuda.is_available()):
-    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1 (the CPU interpreter)",
-                allow_module_level=True)
+DEVICE = require_triton_kernels()
 
 import fastmdm.kernels.dsm_loss as kd  # noqa: E402
 from fastmdm.kernels.perturb import perturb_seeded, perturb_transition  # noqa: E402
 
-DEVICE = "cpu" if interpreter_enabled() else "cuda"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 SEED = 4321
 

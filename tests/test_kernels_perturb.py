@@ -7,20 +7,17 @@ import math
 
 import pytest
 import torch
+from triton_support import require_triton_kernels
 
 import fastmdm as fm
-from fastmdm.backend import interpreter_enabled
 from fastmdm.ops import apply_kk
 
-triton = pytest.importorskip("triton", reason="triton is not importable")
-if not (interpreter_enabled() or torch.cuda.is_available()):
-    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1 (the CPU interpreter)",
-                allow_module_level=True)
+DEVICE = require_triton_kernels()
 
 import fastmdm.kernels.perturb as kp  # noqa: E402
+import triton  # noqa: E402
 from fastmdm.kernels.perturb import perturb_seeded, perturb_with_noise  # noqa: E402
 
-DEVICE = "cpu" if interpreter_enabled() else "cuda"
 tl = triton.language
 # |u − exact| ≤ RTOL·(|x₀-term| + |ε-term|) magnitude: one rounding to the data dtype
 RTOL = {torch.float32: 1e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float64: 1e-14}

@@ -10,20 +10,16 @@ import textwrap
 
 import pytest
 import torch
+from triton_support import require_triton_kernels
 
 import fastmdm as fm
 from fastmdm import reference
-from fastmdm.backend import interpreter_enabled
 from fastmdm.transition import transition_kernel
 
-pytest.importorskip("triton", reason="triton is not importable")
-if not (interpreter_enabled() or torch.cuda.is_available()):
-    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1 (the CPU interpreter)",
-                allow_module_level=True)
+DEVICE = require_triton_kernels()
 
 from fastmdm.kernels.transition import transition_kernel_triton  # noqa: E402
 
-DEVICE = "cpu" if interpreter_enabled() else "cuda"
 TOL = 1e-10  # against the exact value
 PAIR_TOL = 2 * TOL  # between two paths that are each within TOL of it
 FIELDS = ("mean_coef", "cov", "chol", "chol_inv_t")

@@ -9,13 +9,6 @@ CASES = [(MLPScore, (2,), {"hidden": 16, "layers": 2}), (MLPScore, (3, 4), {"hid
          (UNetScore, (1, 8, 8), {"base": 8}), (UNetScore, (2, 4, 6), {"base": 8})]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one thread is as fast and immune to OpenMP spin-waits on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("cls,data_shape,kwargs", CASES)

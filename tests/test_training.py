@@ -14,13 +14,6 @@ from fastmdm.training import MDM, Trainer, load_checkpoint, make_diffusion, read
 DIFFUSIONS = [("vpsde", None), ("cld", None), ("alda", None), ("malda", 3), ("learned", 2), ("learned", 3)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one thread is as fast and immune to OpenMP spin-waits on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
