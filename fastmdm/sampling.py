@@ -140,6 +140,16 @@ def _noise_seeds(steps: int, generator, device) -> Tensor:
     return torch.randint(0, 2**31 - 1, (steps,), generator=generator, device=gen_device).to(device)
 
 
+def _end_step(u: Tensor, n: int, N: int, corrector, traj: list | None, progress) -> Tensor:
+    """After step n: optional corrector at t_{n+1}, trajectory record, progress report."""
+    if corrector is not None:
+        u = corrector(u, n + 1)
+    if traj is not None:
+        traj.append(u)
+    _progress(progress, n + 1, N)
+    return u
+
+
 def _run_linear(plan, pmap, net: _Network, u: Tensor, generator, progress, traj: list | None,
                 corrector=None) -> Tensor:
     """The loop u ← Φ (u + Λ ε̂_n) + Σ_j Γ_j ε̂_{n−j} + C ξ of the fixed-grid solvers (a fused step)."""
@@ -163,11 +173,7 @@ def _run_linear(plan, pmap, net: _Network, u: Tensor, generator, progress, traj:
         eps = _to_eps(net(u, t_eval[n]), u, pmap, n)
         history = [eps, *history][:H]
         u = sde_step(u, history, coefs[n, : 3 + len(history)], seeds, n, noisy[n], generator)
-        if corrector is not None:
-            u = corrector(u, n + 1)
-        if traj is not None:
-            traj.append(u)
-        _progress(progress, n + 1, N)
+        u = _end_step(u, n, N, corrector, traj, progress)
     return u
 
 
@@ -182,11 +188,7 @@ def _run_heun(plan, pmap, net: _Network, u: Tensor, progress, traj: list | None,
         guess = u + drho[n] * k1
         eps2 = _to_eps(net(guess, t_eval[n + 1]), guess, pmap, n + 1)
         u = u + (0.5 * drho[n]) * (k1 + apply_kk(J[n + 1], guess) + apply_kk(Bm[n + 1], eps2))
-        if corrector is not None:
-            u = corrector(u, n + 1)
-        if traj is not None:
-            traj.append(u)
-        _progress(progress, n + 1, N)
+        u = _end_step(u, n, N, corrector, traj, progress)
     return u
 
 
