@@ -256,7 +256,6 @@ class LinearDiffusion(nn.Module):
         a = tk.mean_coef[:, :, 0].to(m0.dtype)  # (B, K)
         return a.view(*a.shape, *([1] * (m0.dim() - 1))) * m0.unsqueeze(1)
 
-    @staged("perturb")
     def perturb(self, x0: Tensor, t, start: str = "hybrid", generator: torch.Generator | None = None,
                 noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Draw u_t = M_t m₀ + L_t ε, ε ~ N(0, I); returns (u_t, ε), each (B, K, *data_shape).
@@ -272,6 +271,7 @@ class LinearDiffusion(nn.Module):
             raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
         return self.perturb_with_kernel(x0, self.transition_f64(t64, start), start, generator, noise)
 
+    @staged("perturb")
     def perturb_with_kernel(self, x0: Tensor, tk: TransitionKernel, start: str = "hybrid",
                             generator: torch.Generator | None = None, noise: Tensor | None = None,
                             store_noise: bool = True):

@@ -2,7 +2,8 @@
 
 Inputs are float64 (numpy, torch or Python numbers), converted element-wise
 with mp.mpf(float(x)) so the oracle sees exactly the float64 values the code
-under test sees. Work is done under mp.workdps(50); nothing is cached.
+under test sees. Work is done under mp.workdps(50 + the digits that Van Loan's block
+exponential loses, about τ‖block‖ / ln 10); nothing is cached.
 """
 
 import mpmath
@@ -53,7 +54,10 @@ def mp_transition(A, two_d, tau, sigma0_diag, as_mp=False):
     P = F12 F11^T, Sigma = M diag(sigma0_diag) M^T + P, L = chol(Sigma).
     Returns float64 numpy arrays, or mp matrices if as_mp.
     """
-    with mp.workdps(DPS):
+    norm = float(np.abs(np.asarray(A, dtype=np.float64)).sum(axis=1).max()) + float(
+        np.abs(np.asarray(two_d, dtype=np.float64)).sum(axis=1).max())
+    lost = int(np.ceil(float(tau) * norm / np.log(10)))  # F12 ~ e^{τ‖block‖} before it cancels
+    with mp.workdps(DPS + lost):
         A, two_d = _mp_matrix(A), _mp_matrix(two_d)
         tau = _mpf(tau)
         k = A.rows

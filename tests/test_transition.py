@@ -17,12 +17,15 @@ TIMES = [1e-3, 3e-3, 0.02, 0.1, 0.35, 1.0]
 TOL = 1e-10
 
 
-def componentwise_error(got, want, kind):
-    """Max |got − want| / (|want| + floor); the floor is 1e-6 of the entry's natural scale.
+def componentwise_error(got, want, kind, floor=1e-5):
+    """Max |got − want| / (|want| + floor·scale), scale the entry's natural scale.
 
     Σ: sqrt(Σ_ii Σ_jj); L: the row's largest entry; L⁻ᵀ: the column's largest entry.
-    Orthogonal triangularisation is accurate to eps × the row's scale, so an entry that
-    happens to be below 1e-6 of its scale is held to 1e-16 of that scale instead.
+    Entries that are small only because their terms cancel (an off-diagonal of M Mᵀ for
+    nearly orthogonal rows, a QR factor's entry far below its row) are attainable only to
+    ~eps × that scale: for random (Q, D) an entry below 1e-5 of its scale is held to 1e-15 of
+    the scale. The built-ins are held to plain componentwise error (floor 1e-12), structurally
+    tiny entries such as ALDA's Σ_xx ≈ 1e-21 at t_min included.
     """
     got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
     if kind == "cov":
@@ -34,7 +37,7 @@ def componentwise_error(got, want, kind):
         scale = np.abs(want).max(axis=0, keepdims=True) * np.ones_like(want)
     else:
         scale = np.abs(want).max() * np.ones_like(want)
-    return float((np.abs(got - want) / (np.abs(want) + 1e-6 * scale)).max())
+    return float((np.abs(got - want) / (np.abs(want) + floor * scale)).max())
 
 
 def oracle(diff, t, start):
@@ -44,22 +47,22 @@ def oracle(diff, t, start):
                          float(diff.tau(t64)), s0)
 
 
-def assert_matches_oracle(diff, times, start, tol=TOL):
+def assert_matches_oracle(diff, times, start, tol=TOL, floor=1e-5):
     tk = diff.transition(torch.tensor(times, dtype=torch.float64), start=start)
     for i, t in enumerate(times):
         M, S, L, Linv = oracle(diff, t, start)
         errs = {
-            "mean_coef": componentwise_error(tk.mean_coef[i].detach(), M, "mean"),
-            "cov": componentwise_error(tk.cov[i].detach(), S, "cov"),
-            "chol": componentwise_error(tk.chol[i].detach(), L, "chol"),
-            "chol_inv_t": componentwise_error(tk.chol_inv_t[i].detach(), Linv, "chol_inv_t"),
+            "mean_coef": componentwise_error(tk.mean_coef[i].detach(), M, "mean", floor),
+            "cov": componentwise_error(tk.cov[i].detach(), S, "cov", floor),
+            "chol": componentwise_error(tk.chol[i].detach(), L, "chol", floor),
+            "chol_inv_t": componentwise_error(tk.chol_inv_t[i].detach(), Linv, "chol_inv_t", floor),
         }
         assert max(errs.values()) < tol, f"{diff.name} {start} t={t}: {errs}"
 
 
 @pytest.mark.parametrize("start", ["hybrid", "full"])
 def test_builtins_match_50_digit_oracle(builtin, start):
-    assert_matches_oracle(builtin, TIMES, start)
+    assert_matches_oracle(builtin, TIMES, start, floor=1e-12)
 
 
 @st.composite
@@ -73,7 +76,7 @@ def random_pair(draw):
     return q - q.T, D
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=12, deadline=None, derandomize=True)
 @given(random_pair(), st.sampled_from(["hybrid", "full"]))
 def test_random_pairs_match_oracle(pair, start):
     Q, D = pair
