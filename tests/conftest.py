@@ -32,6 +32,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def float64_default():
+    """Run a test with torch's default dtype float64 (restored by _restore_torch_state)."""
+    torch.set_default_dtype(torch.float64)
+
+
 @pytest.fixture(autouse=True)
 def _restore_torch_state():
     dtype = torch.get_default_dtype()

@@ -13,12 +13,7 @@ F64 = torch.float64
 MIX = GaussianMixture([0.4, 0.6], [[1.0, 0.0], [-0.5, 0.8]], [0.2, 0.4])
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(F64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def test_score_sde_adapter_matches_native_model():

@@ -15,12 +15,7 @@ from fastmdm.sampling import SOLVERS, decode, encode, sample
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(F64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def gen(seed=0):
