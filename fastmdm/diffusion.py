@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .backend import use_triton
 from .ops import apply_kk
 from .profiling import staged
-from .transition import TransitionKernel, expm_taylor, transition_kernel
+from .transition import TransitionKernel, transition_kernel
 
 STARTS = ("hybrid", "full")
 TIME_SLACK = 1e-6  # relative rounding allowed at the ends of [t_min, T]
@@ -224,10 +224,6 @@ class LinearDiffusion(nn.Module):
             return transition_kernel(A, two_d, tau, aux_var, var)
         shared = transition_kernel(A, two_d, distinct, aux_var, var)  # one per distinct t
         return TransitionKernel(*(m[inverse] for m in shared))
-
-    def flow(self, t_to: Tensor, t_from: Tensor) -> Tensor:
-        """Φ(t_to, t_from) = exp((τ(t_to) − τ(t_from)) A) in float64, (B, K, K)."""
-        return expm_taylor(self.A.to(t_to.device), self.tau(t_to) - self.tau(t_from))
 
     # -- the forward process on data ------------------------------------------------------
     def check_data(self, x: Tensor, start: str = "hybrid", name: str = "x0") -> None:

@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
 from .backend import use_triton
+from .ops import draw_seed
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
 MODES = ("jvp", "vjp")
@@ -56,12 +57,6 @@ def sample_probes(shape, distribution: str = "rademacher", generator: torch.Gene
     if distribution == "gaussian":
         return torch.randn(shape, generator=generator, dtype=dtype, device=device)
     return torch.randint(0, 2, shape, generator=generator, device=device).to(dtype) * 2 - 1
-
-
-def draw_seed(generator: torch.Generator | None = None) -> int:
-    """A probe seed in [0, 2³¹) drawn from ``generator`` (torch's default generator if None)."""
-    device = generator.device if generator is not None else "cpu"
-    return int(torch.randint(0, SEED_BOUND, (1,), generator=generator, device=device).item())
 
 
 def materialize_probes(probes: int, sample_shape, seed: int, distribution: str = "rademacher",

@@ -50,10 +50,10 @@ from torch import Tensor
 
 from .bpd import bits_per_dim, dequantize, logit_transform
 from .diffusion import LinearDiffusion
-from .divergence import DISTRIBUTIONS, MODES, divergence_and_output, draw_seed
+from .divergence import DISTRIBUTIONS, MODES, divergence_and_output
 from .ode import odeint_adaptive, odeint_fixed
-from .ops import data_dim, sum_data
-from .scores import check_output, check_prediction
+from .ops import apply_kk, data_dim, draw_seed, sum_data
+from .scores import call_model, check_prediction
 from .transition import TransitionKernel
 
 METHODS = ("rk45", "euler", "heun", "rk4")
@@ -91,16 +91,10 @@ def score_coefficients(diffusion: LinearDiffusion, t64: Tensor, prediction: str,
 
 def network_output(model, u: Tensor, t64: Tensor, prediction: str) -> Tensor:
     """y = model(u, t) as (B, K_y, *data): the whole state, or x̂₀ as one variable ("x0")."""
-    out = check_output(model(u, t64.to(u.dtype)), u, prediction)
+    out = call_model(model, u, t64, prediction)
     if prediction != "x0":
         return out
     return out[:, :1] if out.shape == u.shape else out.unsqueeze(1)
-
-
-def mix(mat: Tensor, y: Tensor) -> Tensor:
-    """(mat ⊗ I) y for mat (B, K, K_y), y (B, K_y, *data) -> (B, K, *data) in y's dtype."""
-    out = mat.to(y.dtype) @ y.reshape(y.shape[0], y.shape[1], -1)
-    return out.reshape(y.shape[0], mat.shape[1], *y.shape[2:])
 
 
 def score_linear_field(model, diffusion: LinearDiffusion, prediction: str, u: Tensor, t64: Tensor,
@@ -128,17 +122,17 @@ def score_linear_field(model, diffusion: LinearDiffusion, prediction: str, u: Te
         div, y = divergence_and_output(fn, u, out_mat, **divergence)
         if state is not None:
             div = div + torch.diagonal(state, dim1=-2, dim2=-1).sum(-1) * d
-    value = mix(out_mat, y)
+    value = apply_kk(out_mat, y)
     if state is not None:
-        value = value + mix(state, u)
+        value = value + apply_kk(state, u)
     return FieldEvaluation(value, div, y, coef)
 
 
 def score_of(evaluation: FieldEvaluation, u: Tensor) -> Tensor:
     """s = (C_y ⊗ I) y + (C_u ⊗ I) u from a field evaluation."""
     coef = evaluation.coefficients
-    score = mix(coef.output, evaluation.output)
-    return score if coef.state is None else score + mix(coef.state, u)
+    score = apply_kk(coef.output, evaluation.output)
+    return score if coef.state is None else score + apply_kk(coef.state, u)
 
 
 class ProbabilityFlow:

@@ -19,19 +19,13 @@ import torch
 from torch import Tensor
 
 from .diffusion import LinearDiffusion
-from .divergence import draw_seed
 from .dsm import weighted_dsm
 from .importance import sample_time
 from .likelihood import score_linear_field, score_of
-from .ops import apply_kk, data_dim, sum_data
+from .ops import apply_kk, data_dim, draw_seed, sum_data
 from .profiling import stage
-from .scores import check_output, check_prediction, score_from_output
+from .scores import call_model, check_prediction, score_from_output
 from .transition import TransitionKernel
-
-
-def call_model(model, u: Tensor, t64: Tensor, prediction: str) -> Tensor:
-    """model(u, t) with t cast to u's dtype; validates the output's shape."""
-    return check_output(model(u, t64.to(u.dtype)), u, prediction)
 
 
 def _check_inputs(diffusion: LinearDiffusion, x0: Tensor, prediction: str | None = None) -> None:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
 def apply_kk(mat: Tensor, u: Tensor) -> Tensor:
-    """(A ⊗ I_d) u: (A u)[b, k, …] = Σ_l A[b, k, l] u[b, l, …]; mat (K, K) or (B, K, K)."""
+    """(A ⊗ I_d) u: (A u)[b, k, …] = Σ_l A[b, k, l] u[b, l, …], in u's dtype.
+
+    mat (K_out, K) or (B, K_out, K) (usually square); u (B, K, *data) -> (B, K_out, *data).
+    """
     flat = u.reshape(u.shape[0], u.shape[1], -1)
     out = mat.to(u.dtype) @ flat
-    return out.reshape(u.shape)
+    return out.reshape(u.shape[0], mat.shape[-2], *u.shape[2:])
 
 
 def sum_data(x: Tensor, start: int = 1) -> Tensor:
@@ -23,3 +27,10 @@ def data_dim(shape) -> int:
     for n in shape[1:]:
         d *= int(n)
     return d
+
+
+def draw_seed(generator: torch.Generator | None = None, high: int = 2**31) -> int:
+    """An integer seed in [0, high) drawn from ``generator`` (torch's default if None), so a
+    torch.Generator makes in-kernel (Philox) or per-probe randomness reproducible."""
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, high, (1,), generator=generator, device=device).item())

@@ -33,6 +33,11 @@ def check_output(out, u: Tensor, prediction: str, name: str = "model output") ->
     raise ValueError(f"{name} must have the state's shape {tuple(u.shape)}, got {tuple(out.shape)}")
 
 
+def call_model(model, u: Tensor, t64: Tensor, prediction: str) -> Tensor:
+    """model(u, t) with t cast to u's dtype; validates the output's shape."""
+    return check_output(model(u, t64.to(u.dtype)), u, prediction)
+
+
 def score_from_output(out: Tensor, u: Tensor, tk: TransitionKernel, prediction: str) -> Tensor:
     """The score s(u, t) implied by a network output (tk: the hybrid-start kernel at t)."""
     check_prediction(prediction)

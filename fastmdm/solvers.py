@@ -26,7 +26,7 @@ from torch import Tensor
 from .diffusion import LinearDiffusion
 from .importance import tau_inverse
 from .noise_frame import rotation
-from .transition import expm_and_gramian
+from .transition import expm_and_gramian, expm_taylor
 
 QUADRATURE_NODES = 16  # Gauss–Legendre nodes per step for the exponential-integrator integrals
 NOISES = ("rotated", "cholesky")
@@ -50,9 +50,6 @@ class LinearPlan(NamedTuple):
     pre_noise: Tensor | None = None
 
 
-def _mT(X: Tensor) -> Tensor:
-    return X.transpose(-1, -2)
-
 
 def _matrices(diffusion: LinearDiffusion) -> tuple[Tensor, Tensor]:
     return diffusion.A.detach().cpu(), diffusion.D.detach().cpu()
@@ -65,19 +62,18 @@ def transition_at(diffusion: LinearDiffusion, times: Tensor):
 
 
 def flow(diffusion: LinearDiffusion, tau_to: Tensor, tau_from: Tensor) -> Tensor:
-    """Φ = exp((τ_to − τ_from) A), float64 (…, K, K) for broadcastable τ tensors (diffusion.flow)."""
+    """Φ = exp((τ_to − τ_from) A), float64 (…, K, K) for broadcastable τ tensors."""
     tau_to, tau_from = torch.broadcast_tensors(tau_to.to(torch.float64), tau_from.to(torch.float64))
-    t_to, t_from = (tau_inverse(diffusion, x.reshape(-1)) for x in (tau_to, tau_from))
     with torch.no_grad():
-        Phi = diffusion.flow(t_to, t_from)
+        Phi = expm_taylor(diffusion.A.to(tau_to.device), (tau_to - tau_from).reshape(-1))
     return Phi.reshape(*tau_to.shape, *Phi.shape[-2:])
 
 
 def psd_sqrt(S: Tensor) -> Tensor:
     """Symmetric square root of a (batch of) symmetric PSD matrices; tiny negative eigenvalues → 0."""
-    S = 0.5 * (S + _mT(S))
+    S = 0.5 * (S + S.mT)
     lam, V = torch.linalg.eigh(S)
-    return (V * lam.clamp_min(0).sqrt().unsqueeze(-2)) @ _mT(V)
+    return (V * lam.clamp_min(0).sqrt().unsqueeze(-2)) @ V.mT
 
 
 def _gauss_legendre(rho_from: Tensor, rho_to: Tensor, m: int) -> tuple[Tensor, Tensor]:
@@ -151,7 +147,7 @@ def ei_ode_plan(diffusion: LinearDiffusion, times: Tensor, order: int = 2,
                 if q > 1:
                     dell = torch.from_numpy(ell.deriv()(nodes[n].numpy() - points[0]))
                     coef = coef - (weights[n, :, None, None] * dell[:, None, None] * kernel[n]).sum(0)
-                gamma[n, j] = coef @ _mT(R[n - j])
+                gamma[n, j] = coef @ R[n - j].mT
             else:
                 vals = torch.from_numpy(ell(nodes[n].numpy() - points[0]))
                 gamma[n, j] = (weights[n, :, None, None] * vals[:, None, None] * kernel[n]).sum(0)
@@ -190,14 +186,14 @@ def ancestral_plan(diffusion: LinearDiffusion, times: Tensor, eta: float = 1.0) 
     tk = transition_at(diffusion, times)
     R = rotation(diffusion, tau)
     frame = tk.chol @ R
-    frame_inv = _mT(R) @ _mT(tk.chol_inv_t)  # K⁻¹ = Rᵀ L⁻¹
+    frame_inv = R.mT @ tk.chol_inv_t.mT  # K⁻¹ = Rᵀ L⁻¹
     phi = flow(diffusion, tau[1:], tau[:-1])
-    H = _mT(frame_inv[:-1] @ flow(diffusion, tau[:-1], tau[1:]) @ frame[1:])
+    H = (frame_inv[:-1] @ flow(diffusion, tau[:-1], tau[1:]) @ frame[1:]).mT
     W, sig, Vh = torch.linalg.svd(H)
     eye = torch.eye(K, dtype=torch.float64)
-    post = eye - H @ _mT(H)  # K-frame posterior covariance
+    post = eye - H @ H.mT  # K-frame posterior covariance
     H_eta = psd_sqrt(eye - eta**2 * post) @ _orthogonal_power(W @ Vh, float(eta))
-    gamma = frame[1:] @ H_eta @ _mT(R[:-1])
+    gamma = frame[1:] @ H_eta @ R[:-1].mT
     noise = frame[1:] @ psd_sqrt(eta**2 * post)
     return LinearPlan(phi, -tk.chol[:-1], gamma.unsqueeze(1), noise, times[:-1].clone())
 
@@ -279,8 +275,8 @@ def prediction_map(diffusion: LinearDiffusion, times: Tensor, prediction: str) -
         return PredictionMap(None, None)
     tk = transition_at(diffusion, times)
     if prediction == "score":
-        return PredictionMap(-_mT(tk.chol), None)
-    L_inv = _mT(tk.chol_inv_t)
+        return PredictionMap(-tk.chol.mT, None)
+    L_inv = tk.chol_inv_t.mT
     out_mat = torch.zeros_like(L_inv)
     out_mat[..., 0] = -(L_inv @ tk.mean_coef[..., :1])[..., 0]
     return PredictionMap(out_mat, L_inv)
@@ -289,7 +285,7 @@ def prediction_map(diffusion: LinearDiffusion, times: Tensor, prediction: str) -
 def tweedie_weights(diffusion: LinearDiffusion, t: Tensor) -> Tensor:
     """w (K,) with E[x₀ | u] = wᵀ (L⁻¹ u − ε̂): GLS projection of a x̂₀ = u + Σ s, b = L⁻¹a, w = b/‖b‖²."""
     tk = transition_at(diffusion, t.reshape(1))
-    b = (_mT(tk.chol_inv_t) @ tk.mean_coef[..., :1])[0, :, 0]
+    b = (tk.chol_inv_t.mT @ tk.mean_coef[..., :1])[0, :, 0]
     return b / (b @ b)
 
 

@@ -41,20 +41,16 @@ class TransitionKernel(NamedTuple):
         return TransitionKernel(*(m.to(dtype) for m in self))
 
 
-def squarings(A: Tensor, tau: Tensor) -> Tensor:
-    """Number of doublings s ≥ 0 per τ so that τ‖A‖₂ / 2ˢ ≤ 1 (no gradient)."""
-    norm = torch.linalg.matrix_norm(A.detach(), ord=2)
-    scaled = (tau.detach().abs() * norm).clamp_min(1.0)
-    return torch.ceil(torch.log2(scaled)).to(torch.int64).clamp_min(0)
+def spectral_norm(A: Tensor) -> Tensor:
+    """‖A‖₂, which sets the series/closed-form switch and the squarings (no gradient)."""
+    return torch.linalg.matrix_norm(A.detach(), ord=2)
 
 
-def _mT(X: Tensor) -> Tensor:
-    return X.transpose(-1, -2)
-
-
-def expm_taylor(A: Tensor, tau: Tensor) -> Tensor:
-    """M = exp(τA) for a batch of τ (any sign): Taylor series at τ/2ˢ, then s squarings."""
-    s = squarings(A, tau)
+def expm_taylor(A: Tensor, tau: Tensor, norm: Tensor | None = None) -> Tensor:
+    """M = exp(τA) for a batch of τ (any sign): Taylor series at τ/2ˢ, then s squarings,
+    s ≥ 0 the least with |τ|‖A‖₂ / 2ˢ ≤ 1 (``norm``: ‖A‖₂ if already known)."""
+    norm = spectral_norm(A) if norm is None else norm
+    s = torch.ceil(torch.log2((tau.detach().abs() * norm).clamp_min(1.0))).to(torch.int64)
     X = (tau / torch.exp2(s.to(tau.dtype)))[:, None, None] * A  # ‖X‖₂ ≤ 1
     eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(X)
     M, term = eye, eye
@@ -73,17 +69,17 @@ def expm_and_gramian(A: Tensor, two_d: Tensor, tau: Tensor,
     A, two_d: (K, K) with A Σ∞ + Σ∞ Aᵀ + 2D = 0, Σ∞ = diag(stationary_var); tau: (B,).
     P by the Lyapunov series while τ‖A‖₂ ≤ 1, else Σ∞ − M Σ∞ Mᵀ. Differentiable.
     """
-    M = expm_taylor(A, tau)
-    norm = torch.linalg.matrix_norm(A.detach(), ord=2)
+    norm = spectral_norm(A)
+    M = expm_taylor(A, tau, norm)
     small = tau * norm <= 1.0
     tau_series = torch.minimum(tau, 1.0 / norm)  # keeps the unused branch finite
     X = tau_series[:, None, None] * A
     term = tau_series[:, None, None] * two_d  # τ 2D
     P = term
     for n in range(1, LYAPUNOV_TERMS + 1):
-        term = (X @ term + term @ _mT(X)) / (n + 1)
+        term = (X @ term + term @ X.mT) / (n + 1)
         P = P + term
-    closed = torch.diag(stationary_var) - (M * stationary_var) @ _mT(M)
+    closed = torch.diag(stationary_var) - (M * stationary_var) @ M.mT
     return M, torch.where(small[:, None, None], P, closed)
 
 
@@ -101,13 +97,13 @@ def transition_kernel(
     K = A.shape[-1]
     if init_aux_var is not None and K > 1:
         aux = (init_aux_var**0.5) * M[..., 1:]
-        cov = aux @ _mT(aux) + P
+        cov = aux @ aux.mT + P
         X = torch.cat([aux, L], dim=-1)  # (B, K, 2K-1), X Xᵀ = Σ_t
-        R = torch.linalg.qr(_mT(X)).R  # Xᵀ = Q R, Σ_t = Rᵀ R (mode "r" has no backward)
+        R = torch.linalg.qr(X.mT).R  # Xᵀ = Q R, Σ_t = Rᵀ R (mode "r" has no backward)
         sign = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
-        L = _mT(R * sign[..., :, None])
+        L = (R * sign[..., :, None]).mT
     else:
         cov = P
     eye = torch.eye(K, dtype=A.dtype, device=A.device).expand_as(L)
     L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
-    return TransitionKernel(M, cov, L, _mT(L_inv))
+    return TransitionKernel(M, cov, L, L_inv.mT)

@@ -22,7 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastmdm.dsm import NoiseSeed
-from fastmdm.ops import apply_kk
+from fastmdm.ops import apply_kk, draw_seed
 from fastmdm.transition import TransitionKernel
 
 MAX_K = 8
@@ -281,12 +281,6 @@ def perturb_with_noise(x0: Tensor, coef: Tensor, chol: Tensor, noise: Tensor,
     return _perturb(x0, coef, chol, start, noise, 0, 0, False)
 
 
-def draw_seed(generator: torch.Generator | None = None) -> int:
-    """A Philox seed drawn from torch's generator (so a torch.Generator gives determinism)."""
-    device = generator.device if generator is not None else "cpu"
-    return int(torch.randint(0, SEED_HIGH, (1,), generator=generator, device=device).item())
-
-
 def perturb_transition(x0: Tensor, tk: TransitionKernel, start: str = "hybrid",
                        generator: torch.Generator | None = None, noise: Tensor | None = None,
                        store_noise: bool = True) -> tuple[Tensor, Tensor | NoiseSeed]:
@@ -296,7 +290,7 @@ def perturb_transition(x0: Tensor, tk: TransitionKernel, start: str = "hybrid",
     coef = tk.mean_coef if start == "full" else tk.mean_coef[:, :, 0]
     if noise is not None:
         return perturb_with_noise(x0, coef, tk.chol, noise, start), noise
-    seed = draw_seed(generator)
+    seed = draw_seed(generator, SEED_HIGH)
     if store_noise:
         return perturb_seeded(x0, coef, tk.chol, seed, start, return_noise=True)
     return perturb_seeded(x0, coef, tk.chol, seed, start), NoiseSeed(seed)

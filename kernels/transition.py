@@ -22,7 +22,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastmdm.transition import LYAPUNOV_TERMS, TAYLOR_TERMS, TransitionKernel, transition_kernel
+from fastmdm.transition import (
+    LYAPUNOV_TERMS,
+    TAYLOR_TERMS,
+    TransitionKernel,
+    spectral_norm,
+    transition_kernel,
+)
 
 from .perturb import on
 
@@ -267,7 +273,7 @@ def _launch(A: Tensor, two_d: Tensor, tau: Tensor, init_aux_var: float | None,
             var: Tensor) -> tuple:
     K = _check(A, two_d, tau, var)
     A, two_d, tau, var = (x.detach().contiguous() for x in (A, two_d, tau, var))
-    norm = torch.linalg.matrix_norm(A, ord=2)
+    norm = spectral_norm(A)
     outs = tuple(torch.empty((tau.shape[0], K, K), dtype=torch.float64, device=tau.device)
                  for _ in range(4))
     if tau.shape[0]:
