@@ -19,18 +19,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 import fastmdm as fm
-from fastmdm.mixtures import GaussianMixture
+from fastmdm.mixtures import GaussianMixture, exact_score_model
 from fastmdm.sampling import sample
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from sampler_helpers import mixture_model  # noqa: E402  (the exact model at a batch-shared time)
 
 SAMPLES = 2000
 FLOOR_DRAWS = 5
@@ -106,7 +102,7 @@ def run(out: Path) -> None:
         for name, make in DIFFUSIONS.items():
             diff = make()
             law = ExactLaw(mixture, diff)
-            model = mixture_model(mixture, diff)
+            model = exact_score_model(mixture, diff)
             floor = [law.metrics(law.sample(SAMPLES, torch.Generator().manual_seed(100 + i)))
                      for i in range(FLOOR_DRAWS)]
             floor_w2 = sum(f[0] for f in floor) / FLOOR_DRAWS

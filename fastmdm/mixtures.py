@@ -65,7 +65,10 @@ class GaussianMixture:
         """Residuals r_c = u − m_c, C_c⁻¹ r_c and log w_c N(u; m_c, C_c); all float64."""
         B = u.shape[0]
         u64 = u.to(torch.float64).flatten(2)  # (B, K, d)
-        a, C = self.marginal(diffusion, diffusion.check_time(t, batch=B, device=u.device))
+        t64 = diffusion.check_time(t, batch=B, device=u.device)
+        if bool((t64 == t64[0]).all()):  # a time shared by the batch (samplers): factor once
+            t64 = t64[:1]
+        a, C = self.marginal(diffusion, t64)  # (B or 1, K), (B or 1, C, K, K)
         mu = self.means.flatten(1).to(u.device)  # (C, d)
         resid = u64[:, None] - a[:, None, :, None] * mu[None, :, None, :]  # (B, C, K, d)
         chol = torch.linalg.cholesky(C)

@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
-from sampler_helpers import dirac_eps_model, gaussian_eps_model, mixture_model
+from sampler_helpers import dirac_eps_model
 
 import fastmdm as fm
-from fastmdm.mixtures import GaussianMixture
+from fastmdm.mixtures import GaussianMixture, exact_score_model
 from fastmdm.noise_frame import noise_frame, rotation
 from fastmdm.sampling import SOLVERS, decode, encode, sample
 
@@ -97,7 +97,7 @@ def test_gaussian_target_moments(name, solver, options):
     shrink the variance by ~1/steps: -0.32 at 40 steps, -0.09 at 160 for CLD)."""
     diff = MAKERS[name]()
     mean, std, B = torch.tensor([0.7, -0.4]), 0.3, 1000
-    x = sample(gaussian_eps_model(diff, mean, std), diff, (B, 2), solver=solver, generator=gen(), **options)
+    x = sample(exact_score_model(GaussianMixture([1.0], mean[None], [std]), diff), diff, (B, 2), solver=solver, generator=gen(), **options)
     tk = diff.transition_f64(torch.tensor([diff.t_min], dtype=F64))
     a0 = tk.mean_coef[0, 0, 0]
     var = std**2 * a0**2 + tk.cov[0, 0, 0]
@@ -113,7 +113,7 @@ MIX = GaussianMixture([0.3, 0.7], [[1.0, 0.5], [-1.0, -0.5]], [0.3, 0.5])
 @pytest.fixture(scope="module")
 def vp_reference():
     diff = fm.vpsde()
-    model = mixture_model(MIX, diff)
+    model = exact_score_model(MIX, diff)
     old = torch.get_default_dtype()
     torch.set_default_dtype(F64)
     ref = sample(model, diff, (16, 2), solver="rk45", rtol=1e-9, atol=1e-9, generator=gen())
@@ -138,7 +138,7 @@ def test_convergence_order_vp(vp_reference, options, order):
 def test_convergence_cld_order1():
     """CLD, rotated order-1 EI: first order (measured log2 ratio 0.87 at 40 → 80 steps)."""
     diff = fm.cld()
-    model = mixture_model(MIX, diff)
+    model = exact_score_model(MIX, diff)
     ref = sample(model, diff, (8, 2), steps=320, solver="ei-ode", order=3, generator=gen())
     errs = [(sample(model, diff, (8, 2), steps=n, solver="ei-ode", order=1, generator=gen()) - ref).abs().max()
             for n in (40, 80)]
@@ -148,7 +148,7 @@ def test_convergence_cld_order1():
 # -- predictions, trajectory, info, dtype, determinism --------------------------------------------
 def test_predictions_agree():
     diff = fm.cld()
-    out = [sample(mixture_model(MIX, diff, p), diff, (8, 2), steps=8, solver=s, prediction=p, generator=gen())
+    out = [sample(exact_score_model(MIX, diff, p), diff, (8, 2), steps=8, solver=s, prediction=p, generator=gen())
            for p in ("eps", "score", "x0") for s in ("ei-ode", "heun")]
     for x in out[2:]:
         assert (x - out[0 if x is out[2] or x is out[4] else 1]).abs().max() < 1e-8
@@ -156,7 +156,7 @@ def test_predictions_agree():
 
 def test_trajectory_info_and_denoise():
     diff = fm.malda(3)
-    model = mixture_model(MIX, diff)
+    model = exact_score_model(MIX, diff)
     x, traj, info = sample(model, diff, (5, 2), steps=6, solver="ancestral", generator=gen(),
                            return_trajectory=True, return_info=True)
     assert traj.shape == (7, 5, 3, 2) and info["nfe"] == 6
@@ -174,7 +174,7 @@ def test_trajectory_info_and_denoise():
 
 def test_determinism_and_float32():
     diff = fm.cld()
-    model = mixture_model(MIX, diff)
+    model = exact_score_model(MIX, diff)
     for solver in ("euler-maruyama", "ancestral", "sscs"):
         a = sample(model, diff, (4, 2), steps=5, solver=solver, generator=gen(7))
         b = sample(model, diff, (4, 2), steps=5, solver=solver, generator=gen(7))
@@ -190,7 +190,7 @@ def test_determinism_and_float32():
 
 def test_encode_decode_round_trip():
     for diff in (fm.vpsde(), fm.cld()):
-        model = mixture_model(MIX, diff)
+        model = exact_score_model(MIX, diff)
         x = MIX.sample(2, generator=gen())
         z, info = encode(model, diff, x, rtol=1e-5, atol=1e-5, return_info=True)
         assert z.shape == (2, diff.K, 2) and info["nfe"] > 0
@@ -202,7 +202,7 @@ def test_encode_decode_round_trip():
 # -- bad inputs -----------------------------------------------------------------------------------
 def test_bad_inputs():
     diff = fm.cld()
-    model = mixture_model(MIX, diff)
+    model = exact_score_model(MIX, diff)
     assert set(SOLVERS) == {"euler-maruyama", "ei-ode", "ancestral", "heun", "rk45", "sscs"}
     cases = [
         (dict(shape=(4,)), ValueError, "shape"), (dict(steps=0), ValueError, "steps"),
