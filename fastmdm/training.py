@@ -18,9 +18,12 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
+import threading
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .bpd import bits_per_dim
 from .data import DataTransform, check_finite
@@ -33,6 +36,8 @@ from .scores import check_prediction
 OBJECTIVES = ("dsm", "ism", "noise")
 DIFFUSIONS = ("vpsde", "cld", "alda", "malda", "learned")
 CHECKPOINT_VERSION = 1
+CONFIG_KEYS = ("diffusion", "network", "data_shape")  # what build_mdm cannot default
+TRAINER_KEYS = ("model", "optimizer", "scheduler", "step", "batch_generator", "noise_generator", "history")
 
 
 class EMA(nn.Module):
@@ -173,6 +178,10 @@ class MDM(nn.Module):
                              f"model, got {tuple(x.shape)}")
         if x.dim() < 2 or x.shape[0] < 1:
             raise ValueError(f"{name} must be a non-empty batch (B, *data_shape), got {tuple(x.shape)}")
+        weight = next((p for p in self.score_model.parameters() if p.is_floating_point()), None)
+        if weight is not None and weight.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but the score model's weights are {weight.dtype}; "
+                            f"convert one to the other (x.to(dtype) or model.to(dtype))")
         return check_finite(x, name)
 
     # -- objectives -----------------------------------------------------------------------
@@ -286,6 +295,11 @@ def make_diffusion(kind: str, K: int | None = None) -> LinearDiffusion:
 def build_mdm(config: dict) -> MDM:
     """MDM from a config dict: diffusion, K, network, network_kwargs, data_shape, levels, prediction,
     objective, ema_decay (the dict a checkpoint stores)."""
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict, got {type(config).__name__}")
+    missing = [key for key in CONFIG_KEYS if key not in config]
+    if missing:
+        raise ValueError(f"config lacks the entries {missing} (needs {list(CONFIG_KEYS)})")
     diffusion = make_diffusion(config["diffusion"], config.get("K"))
     net = build_network(config["network"], config["data_shape"], diffusion.K,
                         **config.get("network_kwargs", {}))
@@ -303,6 +317,30 @@ def _unwrap(model: nn.Module) -> MDM:
     return inner
 
 
+class _DeferredInterrupt:
+    """Within the block, a first Ctrl-C (SIGINT) only sets ``requested``; a second one raises at once.
+
+    Installed in the main thread over Python's default handler only; elsewhere (another thread,
+    a handler of the caller's) it changes nothing and ``requested`` stays False.
+    """
+
+    def __enter__(self) -> _DeferredInterrupt:
+        self.requested, self._previous = False, None
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 class Trainer:
     """Optimisation of an MDM: warm-up, gradient clipping, EMA, checkpoints with exact resume.
 
@@ -310,6 +348,7 @@ class Trainer:
     torch optimizer over its parameters (default Adam with ``lr``). The learning rate is
     multiplied by min(1, (n + 1)/warmup) at step n. All randomness (batches, t, noise,
     dequantisation) comes from generators seeded by ``seed`` and saved in checkpoints.
+    A checkpoint resumes only into a Trainer with the same :meth:`hyperparameters`.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
@@ -323,7 +362,7 @@ class Trainer:
         self.optimizer = optimizer or torch.optim.Adam(self.mdm.trainable_parameters(), lr=lr)
         if not isinstance(self.optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(self.optimizer).__name__}")
-        self.warmup, self.grad_clip = warmup, grad_clip
+        self.warmup, self.grad_clip, self.seed = warmup, grad_clip, seed
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda n: min(1.0, (n + 1) / warmup))
         device = next(self.mdm.parameters()).device
@@ -332,6 +371,18 @@ class Trainer:
         self.step_count = 0
         self.history: dict[str, list] = {"step": [], "loss": [], "eval_step": [], "eval_bpd": []}
         self.config = dict(config or {})
+
+    def hyperparameters(self) -> dict:
+        """The settings a checkpoint records and a resumed run must repeat: optimizer and its
+        per-group settings, base learning rates, warm-up, gradient clipping, EMA decay, seed."""
+        settings = {"optimizer": type(self.optimizer).__name__, "lr": list(self.scheduler.base_lrs),
+                    "warmup": self.warmup, "grad_clip": self.grad_clip, "ema_decay": self.mdm.ema.decay,
+                    "seed": self.seed}
+        for i, group in enumerate(self.optimizer.param_groups):
+            for key, value in group.items():
+                if key not in ("params", "lr", "initial_lr"):
+                    settings[f"param_groups[{i}].{key}"] = value
+        return settings
 
     def train_step(self, x: Tensor) -> float:
         """loss = mean over the batch; backward; clip; optimizer and warm-up steps; EMA update."""
@@ -364,35 +415,49 @@ class Trainer:
         """Train until ``steps`` total steps (continuing from step_count), checkpointing to out_dir.
 
         eval_data (if given) is scored every ``eval_every`` steps by the EMA ELBO in bits per dim;
-        callback(trainer, loss) runs after every step. On KeyboardInterrupt the current step is
-        checkpointed before the exception propagates. Returns the history.
+        callback(trainer, loss) runs after every step. Ctrl-C (SIGINT, in the main thread) lets
+        the step in progress finish, checkpoints it, then raises KeyboardInterrupt; a second
+        Ctrl-C raises at once and keeps the last checkpoint. Either way the checkpoint resumes
+        bit-identically. Returns the history.
         """
-        if not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        for name, value, low in (("steps", steps, 0), ("batch_size", batch_size, 1),
+                                 ("checkpoint_every", checkpoint_every, 1), ("eval_every", eval_every, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         self.mdm.check_data(data, "data")
+        if eval_data is not None:
+            self.mdm.check_data(eval_data, "eval_data")
         path = checkpoint_path(out_dir) if out_dir else None
+        saved_step = None
+        at_boundary = True  # every piece of state belongs to the same completed step
         try:
-            self._loop(data, steps, batch_size, path, checkpoint_every, eval_data, eval_every, callback)
+            with _DeferredInterrupt() as interrupt:
+                while self.step_count < steps:
+                    at_boundary = False
+                    loss = self._step(data, steps, batch_size, eval_data, eval_every)
+                    if path and (self.step_count % checkpoint_every == 0 or self.step_count == steps):
+                        self.save(path)
+                        saved_step = self.step_count
+                    at_boundary = True
+                    if callback is not None:
+                        callback(self, loss)
+                    if interrupt.requested:
+                        raise KeyboardInterrupt
         except KeyboardInterrupt:
-            if path:  # keep every completed step
+            if path and at_boundary and saved_step != self.step_count:
                 self.save(path)
             raise
         return self.history
 
-    def _loop(self, data, steps, batch_size, path, checkpoint_every, eval_data, eval_every, callback) -> None:
-        while self.step_count < steps:
-            loss = self.train_step(self.batch(data, batch_size))
-            self.history["step"].append(self.step_count)
-            self.history["loss"].append(loss)
-            if eval_data is not None and (self.step_count % eval_every == 0 or self.step_count == steps):
-                self.history["eval_step"].append(self.step_count)
-                self.history["eval_bpd"].append(self.evaluate(eval_data))
-            if path and (self.step_count % checkpoint_every == 0 or self.step_count == steps):
-                self.save(path)
-            if callback is not None:
-                callback(self, loss)
+    def _step(self, data, steps, batch_size, eval_data, eval_every) -> float:
+        """One optimisation step, its history entries and, when due, its evaluation."""
+        loss = self.train_step(self.batch(data, batch_size))
+        self.history["step"].append(self.step_count)
+        self.history["loss"].append(loss)
+        if eval_data is not None and (self.step_count % eval_every == 0 or self.step_count == steps):
+            self.history["eval_step"].append(self.step_count)
+            self.history["eval_bpd"].append(self.evaluate(eval_data))
+        return loss
 
     def evaluate(self, x: Tensor) -> float:
         """Mean EMA ELBO bits per dim of x, with a fixed seed so evaluations are comparable."""
@@ -404,10 +469,19 @@ class Trainer:
         return {"version": CHECKPOINT_VERSION, "config": self.config, "model": self.mdm.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "step": self.step_count, "batch_generator": self.batch_generator.get_state(),
-                "noise_generator": self.noise_generator.get_state(), "history": self.history}
+                "noise_generator": self.noise_generator.get_state(), "history": self.history,
+                "hyperparameters": self.hyperparameters()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore model, EMA, optimizer, schedule, step, history and random state exactly."""
+        """Restore model, EMA, optimizer, schedule, step, history and random state exactly.
+
+        Raises ValueError, naming them, if the checkpoint's hyperparameters differ from this
+        Trainer's: a resumed run continues the same run, it does not change its settings.
+        """
+        missing = [key for key in TRAINER_KEYS if key not in state]
+        if missing:
+            raise ValueError(f"the checkpoint lacks the entries {missing}; it cannot resume training")
+        self._check_hyperparameters(state.get("hyperparameters", {}))
         self.mdm.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -416,11 +490,39 @@ class Trainer:
         self.noise_generator.set_state(state["noise_generator"])
         self.history = {k: list(v) for k, v in state["history"].items()}
 
+    def _check_hyperparameters(self, saved: dict) -> None:
+        mine = self.hyperparameters()
+        changed = [key for key in saved if key in mine and _plain(saved[key]) != _plain(mine[key])]
+        if changed:
+            was = ", ".join(f"{key}={saved[key]!r}" for key in changed)
+            now = ", ".join(f"{key}={mine[key]!r}" for key in changed)
+            raise ValueError(f"cannot resume with changed hyperparameters: the checkpoint was trained with "
+                             f"{was}, this run asks for {now}; use the same settings or start a new run")
+
     def save(self, path: str) -> None:
-        """Write the checkpoint atomically (temporary file, then rename)."""
+        """Write the checkpoint atomically: a temporary file, flushed to disk, renamed over ``path``;
+        then the directory is flushed so the rename itself survives a crash."""
         tmp = f"{path}.tmp"
-        torch.save(self.state_dict(), tmp)
+        with open(tmp, "wb") as f:
+            torch.save(self.state_dict(), f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        if hasattr(os, "O_DIRECTORY"):  # POSIX: a directory can be opened and synced
+            fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _plain(value):
+    """Tuples as lists and tensors as Python values, so recorded settings compare by value."""
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def checkpoint_path(out_dir: str) -> str:
@@ -441,6 +543,11 @@ def read_checkpoint(path: str, map_location="cpu") -> dict:
                          f"{err}") from err
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"{path!r} is not a fastmdm checkpoint (no 'model'/'config' entries)")
+    bad = [name for name, value in state["model"].items()
+           if isinstance(value, Tensor) and value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise ValueError(f"checkpoint {path!r} has NaN or infinite weights in {bad}; resume from an earlier "
+                         "checkpoint or retrain with a lower learning rate")
     return state
 
 
@@ -460,11 +567,12 @@ def mean_and_stderr(values: Tensor) -> tuple[float, float]:
 
 
 def evaluate_bpd(mdm: MDM, x: Tensor, method: str = "elbo", batch_size: int = 256, repeats: int = 1,
-                 seed: int = 0, **ode_kwargs) -> tuple[float, float, Tensor]:
-    """Bits per dim over a data set in batches: (mean, standard error, per-sample values)."""
+                 seed: int = 0, progress: bool = False, **ode_kwargs) -> tuple[float, float, Tensor]:
+    """Bits per dim over a data set in batches: (mean, standard error, per-sample values);
+    ``progress`` shows a tqdm bar over the batches."""
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    values = [mdm.bpd(x[i: i + batch_size], method, generator, repeats, **ode_kwargs)
-              for i in range(0, x.shape[0], batch_size)]
+    starts = tqdm(range(0, x.shape[0], batch_size), desc=f"{method} bpd", unit="batch", disable=not progress)
+    values = [mdm.bpd(x[i: i + batch_size], method, generator, repeats, **ode_kwargs) for i in starts]
     per_sample = torch.cat(values)
     return (*mean_and_stderr(per_sample), per_sample)
 

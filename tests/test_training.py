@@ -2,6 +2,8 @@
 
 import io
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -9,11 +11,9 @@ import torch
 import fastmdm as fm
 from fastmdm.data import DataTransform, load_toy
 from fastmdm.models import MLPScore, UNetScore
-from fastmdm.training import MDM, Trainer, load_checkpoint, make_diffusion, read_checkpoint
+from fastmdm.training import MDM, Trainer, build_mdm, load_checkpoint, make_diffusion, read_checkpoint
 
 DIFFUSIONS = [("vpsde", None), ("cld", None), ("alda", None), ("malda", 3), ("learned", 2), ("learned", 3)]
-
-
 
 
 @pytest.fixture(scope="module")
@@ -202,3 +202,122 @@ def test_training_stops_on_a_non_finite_loss(toy):
         mdm.score_model.out.bias.fill_(float("inf"))
     with pytest.raises(FloatingPointError, match="loss is"):
         Trainer(mdm).train_step(toy[:8])
+
+
+class SignallingMLP(MLPScore):
+    """An MLP that sends itself ``signals`` SIGINTs during its ``at``-th call (counted from 1)."""
+
+    def __init__(self, at: int, signals: int = 1):
+        super().__init__((2,), 2, hidden=8, layers=2)
+        self.at, self.signals, self.calls = at, signals, 0
+
+    def forward(self, u, t):
+        self.calls += 1
+        if self.calls == self.at:
+            for _ in range(self.signals):
+                signal.raise_signal(signal.SIGINT)
+        return super().forward(u, t)
+
+
+def _signalling_trainer(at=0, signals=1):
+    torch.manual_seed(0)
+    return Trainer(MDM(fm.cld(), SignallingMLP(at, signals)), warmup=3, seed=5)
+
+
+def _assert_same_run(a: Trainer, b: Trainer):
+    assert a.step_count == b.step_count and a.history == b.history
+    for x, y in zip(a.mdm.state_dict().values(), b.mdm.state_dict().values(), strict=True):
+        assert not isinstance(x, torch.Tensor) or torch.equal(x, y)
+    assert torch.equal(a.batch_generator.get_state(), b.batch_generator.get_state())
+    assert torch.equal(a.noise_generator.get_state(), b.noise_generator.get_state())
+    assert a.scheduler.state_dict() == b.scheduler.state_dict()
+
+
+# network calls: 1-2 step 1; 3-4 step 2, 5-6 its evaluation; 7-8 step 3; 9-10 step 4, 11-12 its evaluation
+@pytest.mark.parametrize("at", [1, 2, 4, 5, 6, 9, 12])
+def test_sigint_mid_step_finishes_the_step_checkpoints_it_and_resumes_exactly(toy, tmp_path, at):
+    straight = _signalling_trainer()
+    straight.fit(toy, 8, 16, eval_data=toy[:256], eval_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        _signalling_trainer(at).fit(toy, 8, 16, out_dir=str(tmp_path), checkpoint_every=100,
+                                    eval_data=toy[:256], eval_every=2)
+    resumed = _signalling_trainer()
+    resumed.load_state_dict(read_checkpoint(str(tmp_path)))
+    assert 1 <= resumed.step_count < 8
+    resumed.fit(toy, 8, 16, eval_data=toy[:256], eval_every=2)
+    _assert_same_run(straight, resumed)
+
+
+def test_second_sigint_stops_at_once_and_keeps_the_last_checkpoint(toy, tmp_path):
+    straight = _signalling_trainer()
+    straight.fit(toy, 6, 16)
+    with pytest.raises(KeyboardInterrupt):
+        _signalling_trainer(at=7, signals=2).fit(toy, 6, 16, out_dir=str(tmp_path), checkpoint_every=2)
+    resumed = _signalling_trainer()
+    resumed.load_state_dict(read_checkpoint(str(tmp_path)))
+    assert resumed.step_count == 2  # step 4 (calls 7-8) is cut short; the last checkpoint is step 2
+    resumed.fit(toy, 6, 16)
+    _assert_same_run(straight, resumed)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_checkpoint_is_flushed_to_disk_before_the_rename(toy, tmp_path, monkeypatch):
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append("replace"), real_replace(a, b))[1])
+    Trainer(_mdm("cld", hidden=8)).save(str(tmp_path / "checkpoint.pt"))
+    assert calls[:2] == ["fsync", "replace"] and calls.count("fsync") >= 1
+    assert not (tmp_path / "checkpoint.pt.tmp").exists()
+
+
+@pytest.mark.parametrize("change", [{"lr": 1e-3}, {"warmup": 5}, {"grad_clip": 0.5}, {"seed": 4},
+                                    {"ema_decay": 0.99}, {"lr": 1e-3, "warmup": 5}])
+def test_resume_refuses_changed_hyperparameters(toy, tmp_path, change):
+    def make(lr=2e-3, warmup=3, grad_clip=1.0, seed=0, ema_decay=0.999):
+        return Trainer(_mdm("cld", hidden=8, ema_decay=ema_decay), lr=lr, warmup=warmup, grad_clip=grad_clip,
+                       seed=seed)
+
+    make().fit(toy, 2, 16, out_dir=str(tmp_path))
+    state = read_checkpoint(str(tmp_path))
+    with pytest.raises(ValueError, match="changed hyperparameters") as info:
+        make(**change).load_state_dict(state)
+    for name in change:
+        assert f"{name}=" in str(info.value)
+    custom = make()
+    custom.optimizer = torch.optim.Adam(custom.mdm.trainable_parameters(), lr=2e-3, betas=(0.8, 0.9))
+    with pytest.raises(ValueError, match=r"betas=\(0\.9"):
+        custom.load_state_dict(state)
+    make().load_state_dict(state)  # the same settings resume
+
+
+@pytest.mark.parametrize("kwargs,name", [({"eval_every": 0}, "eval_every"), ({"checkpoint_every": 0},
+                                         "checkpoint_every"), ({"batch_size": 2.0}, "batch_size"),
+                                         ({"steps": -1}, "steps")])
+def test_fit_rejects_bad_periods(toy, tmp_path, kwargs, name):
+    trainer = Trainer(_mdm("cld", hidden=8))
+    with pytest.raises(ValueError, match=f"{name} must be an integer"):
+        trainer.fit(toy, **{"steps": 3, "out_dir": str(tmp_path), "eval_data": toy[:8], **kwargs})
+
+
+def test_model_weights_of_another_dtype_than_the_data(toy):
+    mdm = _mdm("cld", hidden=8).double()
+    with pytest.raises(TypeError, match="x has dtype torch.float32 but the score model's weights are torch.float64"):
+        mdm.loss(toy[:4])
+    with pytest.raises(TypeError, match="data has dtype torch.float32"):
+        Trainer(mdm).fit(toy, 1, 4)
+
+
+def test_broken_checkpoints_give_clear_errors(toy, tmp_path):
+    trainer = Trainer(_mdm("cld", hidden=8), config={"diffusion": "cld", "network": "mlp", "data_shape": (2,)})
+    trainer.save(str(tmp_path / "checkpoint.pt"))
+    state = read_checkpoint(str(tmp_path))
+    with pytest.raises(ValueError, match=r"config lacks the entries \['network'\]"):
+        build_mdm({"diffusion": "cld", "data_shape": (2,)})
+    with pytest.raises(ValueError, match=r"lacks the entries \['optimizer'\]"):
+        Trainer(_mdm("cld", hidden=8)).load_state_dict({k: v for k, v in state.items() if k != "optimizer"})
+    with torch.no_grad():
+        trainer.mdm.score_model.out.weight[0, 0] = float("nan")
+    trainer.save(str(tmp_path / "checkpoint.pt"))
+    with pytest.raises(ValueError, match=r"NaN or infinite weights in \['score_model.out.weight'"):
+        load_checkpoint(str(tmp_path))
