@@ -6,7 +6,9 @@
     fastmdm bench --preset quick --device cpu --out benchmarks/results
     fastmdm profile --what train --out profiles
 
-``train`` resumes from ``OUT/checkpoint.pt`` when it exists; it writes the loss curve
+``train`` resumes from ``OUT/checkpoint.pt`` when it exists, bit-identically, and refuses
+changed training settings (only ``--steps`` and the evaluation/checkpoint/sampling options may
+change); Ctrl-C checkpoints the step in progress and exits. It writes the loss curve
 (``loss.png``), a sample grid (``samples.png``), ``history.json`` and, for learned
 diffusions, the learned Q and D (``learned_QD.json``).
 """
@@ -21,6 +23,7 @@ import sys
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from .data import BUILTIN, load_dataset
 from .training import (
@@ -104,36 +107,6 @@ def save_loss_curve(history: dict, path: str, title: str | None = None) -> None:
     plt.close(fig)
 
 
-class ProgressBar:
-    """A one-line progress bar on stderr: step, running loss, last BPD, steps per second."""
-
-    def __init__(self, total: int, start: int = 0, stream=None):
-        self.total, self.start = total, start
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.t0 = time.perf_counter()
-        self.running: float | None = None
-        self.last_print = -1
-
-    def update(self, step: int, loss: float, bpd: float | None) -> None:
-        self.running = loss if self.running is None else 0.95 * self.running + 0.05 * loss
-        done = step - self.start
-        rate = done / max(time.perf_counter() - self.t0, 1e-9)
-        width = 24
-        filled = int(width * step / max(self.total, 1))
-        bpd_text = f" bpd {bpd:.3f}" if bpd is not None else ""
-        line = (f"[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} loss {self.running:.4g}"
-                f"{bpd_text} {rate:.1f} it/s")
-        every = max(1, self.total // 20)
-        if self.tty:
-            print("\r" + line, end="", file=self.stream, flush=True)
-            if step == self.total:
-                print(file=self.stream)
-        elif step == self.total or step // every != self.last_print // every:
-            print(line, file=self.stream, flush=True)
-        self.last_print = step
-
-
 # -- commands -----------------------------------------------------------------------------
 def _device(name: str | None) -> torch.device:
     device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -147,13 +120,15 @@ def _train_config(args, dataset) -> dict:
     kwargs = {"base": args.width} if network == "unet" else {"hidden": args.width}
     return {"data": args.data, "diffusion": args.diffusion, "K": args.aux, "network": network,
             "network_kwargs": kwargs, "data_shape": dataset.data_shape, "levels": dataset.levels,
-            "prediction": "eps", "objective": args.objective, "ema_decay": args.ema_decay, "seed": args.seed}
+            "prediction": "eps", "objective": args.objective, "ema_decay": args.ema_decay, "seed": args.seed,
+            "batch_size": args.batch_size}
 
 
 def _check_resume(saved: dict, config: dict, path: str) -> None:
-    """A run resumes only with the same data, diffusion, K and network."""
-    for key in ("data", "diffusion", "K", "network", "network_kwargs", "objective"):
-        if saved.get(key) != config.get(key):
+    """A run resumes only with the same data, diffusion, K, network and batch size (the Trainer
+    checks its own hyperparameters: lr, warm-up, clipping, EMA decay, seed)."""
+    for key in ("data", "diffusion", "K", "network", "network_kwargs", "objective", "batch_size"):
+        if key in saved and saved[key] != config.get(key):
             raise ValueError(f"{path} was trained with {key}={saved.get(key)!r}, but this command asks for "
                              f"{key}={config.get(key)!r}; use another --out or the same settings")
 
@@ -168,9 +143,24 @@ def write_learned_matrices(mdm: MDM, path: str) -> dict:
     return matrices
 
 
+def _check_writable(path: str, option: str, directory: bool = False) -> None:
+    """Fail before any work, naming the option, if ``path`` cannot be written."""
+    try:
+        if directory:
+            os.makedirs(path, exist_ok=True)
+        folder = path if directory else os.path.dirname(os.path.abspath(path))
+        if not directory and os.path.isdir(path):
+            raise IsADirectoryError(f"{path!r} is a directory")
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise PermissionError(f"{folder!r} is not a writable directory")
+    except OSError as err:
+        raise ValueError(f"{option} {path!r} cannot be written: {err.strerror or err}") from err
+
+
 def cmd_train(args) -> int:
     torch.manual_seed(args.seed)
     device = _device(args.device)
+    _check_writable(args.out, "--out", directory=True)
     dataset = load_dataset(args.data, seed=args.seed)
     config = _train_config(args, dataset)
     path = checkpoint_path(args.out)
@@ -183,16 +173,17 @@ def cmd_train(args) -> int:
     if saved is not None:
         trainer.load_state_dict(saved)
         print(f"resuming {path} from step {trainer.step_count}", file=sys.stderr)
-    bar = ProgressBar(args.steps, trainer.step_count)
-
-    def report(tr: Trainer, loss: float) -> None:
-        bpd = tr.history["eval_bpd"][-1] if tr.history["eval_bpd"] else None
-        bar.update(tr.step_count, loss, bpd)
-
     eval_data = dataset.test[: args.eval_size].to(device)
-    trainer.fit(dataset.train.to(device), args.steps, args.batch_size, out_dir=args.out,
-                checkpoint_every=args.checkpoint_every, eval_data=eval_data, eval_every=args.eval_every,
-                callback=report)
+    with tqdm(total=args.steps, initial=trainer.step_count, desc="train", unit="step") as bar:
+
+        def report(tr: Trainer, loss: float) -> None:
+            bpd = tr.history["eval_bpd"][-1] if tr.history["eval_bpd"] else float("nan")
+            bar.set_postfix(loss=f"{loss:.4g}", bpd=f"{bpd:.3f}", refresh=False)
+            bar.update(tr.step_count - bar.n)
+
+        trainer.fit(dataset.train.to(device), args.steps, args.batch_size, out_dir=args.out,
+                    checkpoint_every=args.checkpoint_every, eval_data=eval_data, eval_every=args.eval_every,
+                    callback=report)
     with open(os.path.join(args.out, "history.json"), "w") as f:
         json.dump(trainer.history, f)
     if trainer.history["loss"]:
@@ -233,8 +224,12 @@ def cmd_sample(args) -> int:
 
 def cmd_eval(args) -> int:
     device = _device(args.device)
+    if args.json:
+        _check_writable(args.json, "--json")
     mdm, state = load_checkpoint(args.ckpt, map_location=device)
-    data_name = args.data or state["config"]["data"]
+    data_name = args.data or state["config"].get("data")
+    if data_name is None:
+        raise ValueError(f"the checkpoint {args.ckpt!r} does not name its data set; pass --data")
     dataset = load_dataset(data_name, seed=state["config"].get("seed", 0))
     if dataset.data_shape != mdm.data_shape:
         raise ValueError(f"--data {data_name!r} has samples of shape {dataset.data_shape} but the "
@@ -244,19 +239,22 @@ def cmd_eval(args) -> int:
                          f"trained on levels={mdm.transform.levels}")
     x = (dataset.test if args.split == "test" else dataset.train)[: args.n].to(device)
     results = {"checkpoint": args.ckpt, "data": data_name, "split": args.split, "n": x.shape[0],
-               "step": state["step"]}
+               "step": state.get("step")}
     methods = ("elbo", "ode") if args.method == "both" else (args.method,)
     for method in methods:
         kwargs = {"repeats": args.repeats} if method == "elbo" else {"rtol": args.rtol, "atol": args.rtol}
         t0 = time.perf_counter()
-        mean, se, _ = evaluate_bpd(mdm, x, method, args.batch_size, seed=args.seed, **kwargs)
+        mean, se, _ = evaluate_bpd(mdm, x, method, args.batch_size, seed=args.seed, progress=True, **kwargs)
+        if not math.isfinite(mean):
+            raise FloatingPointError(f"{method} bits per dim is {mean}: the model returns non-finite values "
+                                     f"on this data")
         results[method] = {"bpd": mean, "stderr": se, "ci95": [mean - Z_95 * se, mean + Z_95 * se],
                            "seconds": time.perf_counter() - t0}
         print(f"{method.upper():4s} BPD {mean:.4f} ± {Z_95 * se:.4f} (95% CI, n={x.shape[0]}, "
               f"{results[method]['seconds']:.1f} s)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump(results, f, indent=2, allow_nan=False)
     return 0
 
 
@@ -295,7 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      "diffusion models.", formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = sub.add_parser("train", help="train an MDM (resumes from OUT/checkpoint.pt)", formatter_class=fmt)
+    train = sub.add_parser("train", help="train an MDM (resumes from OUT/checkpoint.pt)", formatter_class=fmt,
+                           description="Train an MDM. If OUT/checkpoint.pt exists the run resumes from it, "
+                           "bit-identically to an uninterrupted run: only --steps and the evaluation, "
+                           "checkpoint, sampling and device options may change; any other changed "
+                           "setting (--lr, --warmup, --ema-decay, --batch-size, --seed, ...) is refused "
+                           "with an error naming it. Ctrl-C finishes the current step, checkpoints it "
+                           "and exits; a second Ctrl-C exits at once, keeping the last checkpoint.")
     train.add_argument("--data", default="digits",
                        help=f"one of {', '.join(BUILTIN)}, or a path to a .npy/.npz/IDX file")
     train.add_argument("--diffusion", choices=DIFFUSIONS, default="vpsde")
@@ -369,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    except (ValueError, TypeError, OSError, FloatingPointError) as err:
         parser.exit(2, f"fastmdm {args.command}: error: {err}\n")
     except KeyboardInterrupt:
         print("\ninterrupted; the last checkpoint is kept and the run resumes from it", file=sys.stderr)

@@ -53,7 +53,7 @@ class DataTransform:
     """
 
     def __init__(self, levels: int | None = None, alpha: float = 0.05):
-        if levels is not None and (not isinstance(levels, int) or levels < 2):
+        if levels is not None and (isinstance(levels, bool) or not isinstance(levels, int) or levels < 2):
             raise ValueError(f"levels must be None or an integer >= 2, got {levels!r}")
         if not 0 < alpha < 0.5:
             raise ValueError(f"alpha must be in (0, 0.5), got {alpha}")
@@ -79,7 +79,9 @@ class DataTransform:
 
 
 def check_finite(x: Tensor, name: str = "data") -> Tensor:
-    """Raise ValueError if x has NaN or infinite entries."""
+    """Raise TypeError unless x is a tensor, ValueError if it has NaN or infinite entries."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     bad = (~torch.isfinite(x)).sum().item()
     if bad:
         raise ValueError(f"{name} has {bad} NaN or infinite values")

@@ -93,25 +93,24 @@ def test_transition_stationary_var_matches_oracle():
         assert componentwise_rel_err(x[0], exact) < 1e-8
 
 
-def test_transition_float32_small_t_alda_is_inaccurate():
+@pytest.mark.parametrize("start", ["hybrid", "full"])
+def test_transition_float32_small_t_alda_is_inaccurate(start):
     """Characterisation, not a requirement: the published recipe fails at t_min in float32.
 
     Van Loan's F12 F11^T carries an absolute error of ~eps * tau against ALDA's P_xx
-    ~ 1e-21 (mdm-math.md section 2). Measured at t = 1e-3 on this CPU: hybrid start,
-    Sigma off by 7e-3 and chol(Sigma) by a factor 14 componentwise; full start,
-    Sigma is not positive definite and the plain Cholesky raises.
+    ~ 1e-21 (mdm-math.md section 2). How it fails depends on the CPU and BLAS: measured at
+    t = 1e-3 on one CPU, hybrid start, Sigma off by 7e-3 and chol(Sigma) by a factor 14
+    componentwise, while the full start's Sigma is not positive definite; on other CPUs the
+    hybrid start's Cholesky raises too. What holds everywhere: the factorisation fails, or
+    Sigma or L is off by more than 1e-3 componentwise.
     """
     t = torch.tensor([1e-3], dtype=torch.float32)
-    t64 = float(t)
-    _, cov, chol, _ = reference.transition(*ALDA, t, "hybrid")
-    ora = oracle(*ALDA, t64, "hybrid")
-    assert componentwise_rel_err(cov[0], ora[1]) > 1e-3
-    assert componentwise_rel_err(chol[0], ora[2]) > 1.0
     try:
-        _, cov, _, _ = reference.transition(*ALDA, t, "full")
+        _, cov, chol, _ = reference.transition(*ALDA, t, start)
     except torch.linalg.LinAlgError:
         return
-    assert componentwise_rel_err(cov[0], oracle(*ALDA, t64, "full")[1]) > 1e-2
+    exact = oracle(*ALDA, float(t), start)
+    assert max(componentwise_rel_err(cov[0], exact[1]), componentwise_rel_err(chol[0], exact[2])) > 1e-3
 
 
 def test_invalid_start():
