@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastmdm.data import TOYS, DataTransform, load_dataset, load_digits, load_file, read_idx, toy_2d
+from fastmdm.bpd import bits_per_dim, dequantize, logit_transform
+from fastmdm.data import TOYS, DataTransform, check_finite, load_dataset, load_digits, load_file, read_idx, toy_2d
 
 
 def test_digits_levels_shape_and_fixed_split():
@@ -95,3 +96,32 @@ def test_bad_files_give_clear_errors(tmp_path):
         load_file(str(tmp_path / "two.npz"))
     with pytest.raises(ValueError, match="data must be one of"):
         load_dataset("cifar10")
+
+
+BAD_BPD_INPUT = [
+    (lambda: bits_per_dim(0.5, (1, 2)), TypeError, "neg_elbo must be a torch.Tensor"),
+    (lambda: bits_per_dim(torch.ones(3), (3, 2), torch.ones(2)), ValueError, r"ldj must be .* shape \(\) or \(3,\)"),
+    (lambda: bits_per_dim(torch.ones(3), (3, 2), np.zeros(3)), TypeError, "ldj must be a number or a torch.Tensor"),
+    (lambda: bits_per_dim(torch.ones(3), (3, 2), levels=1), ValueError, "levels must be None or an integer >= 2"),
+    (lambda: bits_per_dim(torch.ones(3), (3, 2), levels=2.5), ValueError, "levels must be None or an integer >= 2"),
+    (lambda: dequantize(np.full((2, 3), 0.5)), TypeError, "x must be a torch.Tensor, got ndarray"),
+    (lambda: dequantize(torch.tensor([0.5, float("nan")])), ValueError, "x has 1 NaN values"),
+    (lambda: dequantize(torch.tensor([0.5]), levels=True), ValueError, "levels must be an integer >= 2"),
+    (lambda: logit_transform(torch.tensor(0.5)), ValueError, r"x must be a batch \(B, \*data_shape\), got a 0-d"),
+    (lambda: logit_transform(torch.tensor([[1.5]])), ValueError, r"x must lie in \[0, 1\], got values in \[1.5"),
+    (lambda: logit_transform(1.5), TypeError, "x must be a torch.Tensor, got float"),
+    (lambda: check_finite(np.zeros(2), "data"), TypeError, "data must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("call,error,message", BAD_BPD_INPUT)
+def test_bad_input_to_the_transform_and_bpd_names_the_argument(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_bits_per_dim_accepts_a_per_sample_or_scalar_ldj():
+    neg, ldj = torch.rand(3, dtype=torch.float64) + 1, torch.rand(3, dtype=torch.float64)
+    per_sample = bits_per_dim(neg, (3, 2), ldj, levels=None)
+    torch.testing.assert_close(per_sample, (neg - ldj) / (2 * math.log(2)), rtol=1e-15, atol=0)
+    torch.testing.assert_close(bits_per_dim(neg, (3, 2), ldj[0]), bits_per_dim(neg, (3, 2), float(ldj[0])))
