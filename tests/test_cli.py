@@ -3,13 +3,14 @@
 import json
 
 import pytest
+import torch
 
 from fastmdm.cli import build_parser, main
 
 TINY = ["--data", "digits", "--width", "8", "--batch-size", "32", "--eval-every", "10", "--eval-size", "32",
         "--checkpoint-every", "10", "--samples", "4", "--sample-steps", "5"]
-
-
+TOY = ["--data", "moons", "--diffusion", "cld", "--width", "8", "--batch-size", "16", "--eval-every", "1",
+       "--eval-size", "8", "--samples", "4", "--sample-steps", "2", "--device", "cpu"]
 
 
 def test_train_resume_sample_eval(tmp_path, capsys):
@@ -58,6 +59,43 @@ def test_bad_input_exits_with_one_clear_line(tmp_path, capsys):
     with pytest.raises(SystemExit):  # data of another shape than the model's
         main(["eval", "--ckpt", run, "--data", "moons"])
     assert "expects (1, 8, 8)" in capsys.readouterr().err
+
+
+def _fails_with(argv, capsys, *fragments):
+    """main(argv) exits non-zero with one line on stderr that contains every fragment."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_resume_refuses_changed_settings_and_broken_outputs_fail_cleanly(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    assert main(["train", "--out", run, *TOY, "--steps", "2"]) == 0
+    for flag, value in [("--lr", "2e-3"), ("--warmup", "7"), ("--ema-decay", "0.99"), ("--batch-size", "8"),
+                        ("--grad-clip", "0.5"), ("--seed", "1")]:
+        name = flag[2:].replace("-", "_")
+        _fails_with(["train", "--out", run, *TOY, "--steps", "4", flag, value], capsys, f"{name}=", "trained with")
+    assert torch.load(f"{run}/checkpoint.pt", weights_only=True)["step"] == 2
+    (tmp_path / "file.txt").write_text("not a directory")
+    _fails_with(["train", "--out", str(tmp_path / "file.txt" / "run"), *TOY, "--steps", "1"], capsys,
+                "--out", "cannot be written")
+    _fails_with(["eval", "--ckpt", run, "--json", str(tmp_path / "file.txt" / "e.json")], capsys,
+                "--json", "cannot be written")
+
+    state = torch.load(f"{run}/checkpoint.pt", weights_only=True)
+    state["model"]["score_model.out.weight"][0, 0] = float("nan")
+    torch.save(state, str(tmp_path / "nan.pt"))
+    for command in (["eval", "--n", "8", "--json", str(tmp_path / "e.json")], ["sample", "--n", "2"]):
+        _fails_with([*command, "--ckpt", str(tmp_path / "nan.pt")], capsys, "NaN or infinite weights")
+    assert not (tmp_path / "e.json").exists()
+    state = torch.load(f"{run}/checkpoint.pt", weights_only=True)
+    del state["config"]["network"]
+    torch.save(state, str(tmp_path / "no_network.pt"))
+    _fails_with(["sample", "--ckpt", str(tmp_path / "no_network.pt")], capsys, "config lacks the entries ['network']")
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["sample"], ["eval"], ["bench"], ["profile"]])

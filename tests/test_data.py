@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from fastmdm.bpd import bits_per_dim, dequantize, logit_transform
-from fastmdm.data import TOYS, DataTransform, check_finite, load_dataset, load_digits, load_file, read_idx, toy_2d
+from fastmdm.data import (
+    TOYS,
+    DataTransform,
+    check_finite,
+    load_dataset,
+    load_digits,
+    load_file,
+    read_idx,
+    toy_2d,
+)
 
 
 def test_digits_levels_shape_and_fixed_split():
