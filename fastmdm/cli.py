@@ -144,17 +144,15 @@ def write_learned_matrices(mdm: MDM, path: str) -> dict:
 
 
 def _check_writable(path: str, option: str, directory: bool = False) -> None:
-    """Fail before any work, naming the option, if ``path`` cannot be written."""
+    """Fail before any work, naming the option, when ``path`` cannot be written (folders are created)."""
+    folder = path if directory else os.path.dirname(os.path.abspath(path))
     try:
-        if directory:
-            os.makedirs(path, exist_ok=True)
-        folder = path if directory else os.path.dirname(os.path.abspath(path))
-        if not directory and os.path.isdir(path):
-            raise IsADirectoryError(f"{path!r} is a directory")
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            raise PermissionError(f"{folder!r} is not a writable directory")
+        os.makedirs(folder, exist_ok=True)
     except OSError as err:
-        raise ValueError(f"{option} {path!r} cannot be written: {err.strerror or err}") from err
+        raise ValueError(f"{option} {path!r} cannot be written: {err.strerror}") from err
+    if not os.access(folder, os.W_OK) or (not directory and os.path.isdir(path)):
+        raise ValueError(f"{option} {path!r} cannot be written: not a writable "
+                         f"{'directory' if directory else 'file'}")
 
 
 def cmd_train(args) -> int:
@@ -177,8 +175,10 @@ def cmd_train(args) -> int:
     with tqdm(total=args.steps, initial=trainer.step_count, desc="train", unit="step") as bar:
 
         def report(tr: Trainer, loss: float) -> None:
-            bpd = tr.history["eval_bpd"][-1] if tr.history["eval_bpd"] else float("nan")
-            bar.set_postfix(loss=f"{loss:.4g}", bpd=f"{bpd:.3f}", refresh=False)
+            shown = {"loss": f"{loss:.4g}"}
+            if tr.history["eval_bpd"]:
+                shown["bpd"] = f"{tr.history['eval_bpd'][-1]:.3f}"
+            bar.set_postfix(shown, refresh=False)
             bar.update(tr.step_count - bar.n)
 
         trainer.fit(dataset.train.to(device), args.steps, args.batch_size, out_dir=args.out,
@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train an MDM (resumes from OUT/checkpoint.pt)", formatter_class=fmt,
                            description="Train an MDM. If OUT/checkpoint.pt exists the run resumes from it, "
                            "bit-identically to an uninterrupted run: only --steps and the evaluation, "
-                           "checkpoint, sampling and device options may change; any other changed "
+                           "checkpoint and sampling options may change; any other changed "
                            "setting (--lr, --warmup, --ema-decay, --batch-size, --seed, ...) is refused "
                            "with an error naming it. Ctrl-C finishes the current step, checkpoints it "
                            "and exits; a second Ctrl-C exits at once, keeping the last checkpoint.")

@@ -336,9 +336,11 @@ class _DeferredInterrupt:
             raise KeyboardInterrupt
         self.requested = True
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+        if self.requested and exc_type is None:  # a Ctrl-C after the last check is not lost
+            raise KeyboardInterrupt
 
 
 class Trainer:
