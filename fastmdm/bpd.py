@@ -2,7 +2,7 @@
 
 Data with n levels scaled to [0, 1]; x̃ = (x (n − 1) + U) / n, U ~ U[0, 1)^d;
 y = logit(α + (1 − 2α) x̃) with log-det ldj = Σ_j [log(1 − 2α) − log(s_j (1 − s_j))],
-s = α + (1 − 2α) x̃; then bpd = −(ELBO_y + ldj) / (d ln 2) + log₂ n (mdm-math.md §4),
+s = α + (1 − 2α) x̃; then bpd = −(ELBO_y + ldj) / (d ln 2) + log₂ n (docs/math.md §4),
 a bound on the discrete negative log-likelihood in bits.
 """
 

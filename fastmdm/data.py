@@ -9,7 +9,7 @@
 
 Discrete data is modelled through :class:`DataTransform`: uniform dequantisation
 x̃ = (x (n − 1) + U)/n and the logit map y = logit(α + (1 − 2α) x̃) with its
-log-det, so that bits per dim bound the discrete likelihood (mdm-math.md §4).
+log-det, so that bits per dim bound the discrete likelihood (docs/math.md §4).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class DataTransform:
     """Maps data x to the space the diffusion models, y, with per-sample log-det ldj of x̃ ↦ y.
 
     levels = None: continuous data, y = x and ldj = 0. Otherwise x on the grid
-    {0, 1/(n−1), …, 1} is dequantised and logit-transformed (mdm-math.md §4).
+    {0, 1/(n−1), …, 1} is dequantised and logit-transformed (docs/math.md §4).
     """
 
     def __init__(self, levels: int | None = None, alpha: float = 0.05):

@@ -98,7 +98,7 @@ def test_transition_float32_small_t_alda_is_inaccurate(start):
     """Characterisation, not a requirement: the published recipe fails at t_min in float32.
 
     Van Loan's F12 F11^T carries an absolute error of ~eps * tau against ALDA's P_xx
-    ~ 1e-21 (mdm-math.md section 2). How it fails depends on the CPU and BLAS: measured at
+    ~ 1e-21 (docs/math.md §2, §9 trap 5). How it fails depends on the CPU and BLAS: measured at
     t = 1e-3 on one CPU, hybrid start, Sigma off by 7e-3 and chol(Sigma) by a factor 14
     componentwise, while the full start's Sigma is not positive definite; on other CPUs the
     hybrid start's Cholesky raises too. What holds everywhere: the factorisation fails, or
