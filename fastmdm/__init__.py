@@ -6,7 +6,8 @@ from .bpd import bits_per_dim, dequantize, logit_transform
 from .data import DataTransform, load_dataset
 from .diffusion import LinearDiffusion, alda, cld, learned, malda, vpsde
 from .divergence import exact_divergence, hutchinson_divergence
-from .likelihood import ode_bits_per_dim, ode_log_likelihood, probability_flow_drift
+from .fields import probability_flow_drift
+from .likelihood import ode_bits_per_dim, ode_log_likelihood
 from .mixtures import GaussianMixture
 from .models import MLPScore, UNetScore
 from .objectives import dsm_elbo, ism_elbo, noise_prediction_loss

@@ -266,7 +266,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    from .profiling import run_profile
+    from .cli_profile import run_profile
 
     run_profile(args.what, args.out, args.device)
     return 0

@@ -16,8 +16,9 @@ from torch import Tensor, nn
 
 from .backend import use_triton
 from .ops import apply_kk
-from .profiling import staged
+from .stages import staged
 from .transition import TransitionKernel, transition_kernel
+from .validation import check_choice, check_int
 
 STARTS = ("hybrid", "full")
 TIME_SLACK = 1e-6  # relative rounding allowed at the ends of [t_min, T]
@@ -162,6 +163,24 @@ class LinearDiffusion(nn.Module):
         """τ(t) = ∫₀ᵗ β = β_min t + ½(β_max − β_min) t²."""
         return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t * t
 
+    def tau_inverse(self, tau: Tensor) -> Tensor:
+        """t with τ(t) = tau: the positive root of ½(β_max − β_min) t² + β_min t − τ = 0."""
+        slope = self.beta_max - self.beta_min
+        if slope == 0:
+            return tau / self.beta_min
+        b = self.beta_min
+        # t = 2τ / (b + sqrt(b² + 2 slope τ)): the root without cancellation
+        return 2 * tau / (b + torch.sqrt(b * b + 2 * slope * tau))
+
+    def phi(self, t: Tensor) -> Tensor:
+        """φ(t) = log(e^{τ(t)} − 1) = τ + log(−expm1(−τ)), stable for small and large τ (docs/math.md §4).
+
+        Minus the log-SNR of a VP-SDE; φ' = β / (1 − e^{−τ}) is the importance density's shape,
+        and τ = softplus(φ) inverts it.
+        """
+        tau = self.tau(t)
+        return tau + torch.log(-torch.expm1(-tau))
+
     def check_time(self, t, batch: int | None = None, device=None, name: str = "t") -> Tensor:
         """Validate t ∈ [t_min, T]; return it as a float64 tensor of shape (batch,) on ``device``.
 
@@ -192,11 +211,6 @@ class LinearDiffusion(nn.Module):
         return t.clamp(self.t_min, self.T)
 
     # -- transition kernel ----------------------------------------------------------------
-    def _start_aux_var(self, start: str) -> float | None:
-        if start not in STARTS:
-            raise ValueError(f"start must be one of {STARTS}, got {start!r}")
-        return self.init_aux_var if start == "hybrid" else None
-
     def transition(self, t, start: str = "hybrid", dtype: torch.dtype | None = None,
                    device=None) -> TransitionKernel:
         """q(u_t | start) as (M_t, Σ_t, L_t, L_t⁻ᵀ), each (B, K, K), computed in float64.
@@ -207,12 +221,13 @@ class LinearDiffusion(nn.Module):
             dtype = t.dtype if isinstance(t, Tensor) else torch.get_default_dtype()
         if device is None:
             device = t.device if isinstance(t, Tensor) else self.stationary_var.device
+        check_choice(start, STARTS, "start")
         return self.transition_f64(self.check_time(t, device=device), start).to(dtype)
 
     @staged("transition")
     def transition_f64(self, t64: Tensor, start: str = "hybrid") -> TransitionKernel:
-        """Transition kernel in float64 for an already validated float64 t of shape (B,)."""
-        aux_var = self._start_aux_var(start)
+        """Transition kernel in float64 for an already validated float64 t of shape (B,) and start."""
+        aux_var = self.init_aux_var if start == "hybrid" else None
         A, two_d = self.A.to(t64.device), 2.0 * self.D.to(t64.device)
         tau, var = self.tau(t64), self.stationary_var.to(t64.device)
         if use_triton(t64.device) and self.K <= MAX_TRITON_K:
@@ -263,7 +278,7 @@ class LinearDiffusion(nn.Module):
         x0 is data (B, *data_shape) for the hybrid start, a state (B, K, *data_shape)
         for the full start; ``noise`` optionally supplies ε.
         """
-        self._start_aux_var(start)
+        check_choice(start, STARTS, "start")
         self.check_data(x0, start)
         t64 = self.check_time(t, batch=x0.shape[0], device=x0.device)
         shape = self._state_shape(x0, start)
@@ -374,8 +389,7 @@ def alda(aux_var: float = 1.0, gamma: float = 1.0, psi: float = 1.0, **kwargs) -
 
 def malda(K: int = 3, aux_var: float = 1.0, **kwargs) -> LinearDiffusion:
     """MALDA (any K ≥ 2): Q_ij = −1 (i < j), +1 (i > j); D = diag(0, Γ, …, Γ), Γ = 2σ_a."""
-    if not isinstance(K, int) or K < 2:
-        raise ValueError(f"K must be an integer >= 2 for malda, got {K!r}")
+    check_int(K, "K", minimum=2)
     Q = torch.ones(K, K, dtype=torch.float64).tril(-1)
     Q = Q - Q.T
     D = torch.diag(torch.tensor([0.0] + [2.0 * math.sqrt(aux_var)] * (K - 1), dtype=torch.float64))
@@ -391,8 +405,7 @@ def learned(K: int = 3, full_d: bool = False, init_noise: float = 0.0,
     q starts at MALDA's pattern (strict lower ones, so Q_ij = ±1) plus
     ``init_noise``·N(0, 1); D starts at (log 2 + 1e-3)·I (diagonal) or 1.001·I (full).
     """
-    if not isinstance(K, int) or K < 1:
-        raise ValueError(f"K must be an integer >= 1, got {K!r}")
+    check_int(K, "K")
     q = torch.ones(K, K, dtype=torch.float64).tril(-1)
     if init_noise:
         q = q + init_noise * torch.randn(K, K, dtype=torch.float64, generator=generator)

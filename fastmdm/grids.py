@@ -13,23 +13,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .diffusion import LinearDiffusion
-from .importance import _phi, tau_inverse
+from .validation import check_choice, check_int
 
 GRIDS = ("quadratic", "uniform", "logsnr")
 
 
-def check_steps(steps, name: str = "steps") -> int:
-    """Raise unless steps is an integer ≥ 1."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {steps!r}")
-    return steps
-
-
 def time_grid(diffusion: LinearDiffusion, steps: int, kind: str = "quadratic") -> Tensor:
     """The N + 1 times t_0 = T > t_1 > … > t_N = t_min of a grid with N = ``steps`` steps (float64, CPU)."""
-    steps = check_steps(steps)
-    if kind not in GRIDS:
-        raise ValueError(f"grid must be one of {GRIDS}, got {kind!r}")
+    steps = check_int(steps, "steps")
+    check_choice(kind, GRIDS, "grid")
     lo, hi = diffusion.t_min, diffusion.T
     frac = torch.arange(steps + 1, dtype=torch.float64) / steps
     if kind == "quadratic":
@@ -37,10 +29,10 @@ def time_grid(diffusion: LinearDiffusion, steps: int, kind: str = "quadratic") -
     elif kind == "uniform":
         t = hi - (hi - lo) * frac
     else:
-        phi_hi, phi_lo = _phi(diffusion.tau(torch.tensor([hi, lo], dtype=torch.float64)))
-        t = tau_inverse(diffusion, F.softplus(phi_hi + (phi_lo - phi_hi) * frac, threshold=30.0))
+        phi_hi, phi_lo = diffusion.phi(torch.tensor([hi, lo], dtype=torch.float64))
+        t = diffusion.tau_inverse(F.softplus(phi_hi + (phi_lo - phi_hi) * frac, threshold=30.0))
     t[0], t[-1] = hi, lo  # exact ends
     return t
 
 
-__all__ = ["GRIDS", "check_steps", "time_grid"]
+__all__ = ["GRIDS", "time_grid"]

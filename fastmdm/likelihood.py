@@ -1,22 +1,6 @@
-"""Probability-flow ODE and exact likelihoods of a linear MDM (mdm-math.md §6).
+"""Exact likelihoods of a linear MDM through the probability-flow ODE (docs/math.md §6).
 
-The score is affine in the network output y: s(u, t) = (C_y ⊗ I) y + (C_u ⊗ I) u with, for
-the hybrid-start kernel N(M_t m₀, L_t L_tᵀ) at t,
-
-    "eps":   y = ε̂,  C_y = −L_t⁻ᵀ,        C_u = 0
-    "score": y = s,  C_y = I,             C_u = 0
-    "x0":    y = x̂₀, C_y = Σ_t⁻¹ M_t[:, 0], C_u = −Σ_t⁻¹   (y has one variable)
-
-so any field F = (S ⊗ I) u + (G ⊗ I) s with per-sample K×K S, G is
-F = ((S + G C_u) ⊗ I) u + ((G C_y) ⊗ I) y and
-
-    ∇·F = tr(S + G C_u) · d + tr(((G C_y) ⊗ I) ∂y/∂u),
-
-the last term by Hutchinson probes (or exactly) with G C_y as the mixing matrix of
-:mod:`fastmdm.divergence` — the K×K algebra never touches the network output tensor. The
-probability-flow drift is S = β(t) A, G = −β(t) D:
-
-    h(u, t) = β(t)[A u − D s(u, t)]       (noise prediction: β(t)[A u + D L_t⁻ᵀ ε̂]).
+The drift h(u, t) = β(t)[A u − D s(u, t)] and its divergence come from :mod:`fastmdm.fields`.
 
 **Likelihood.** Along the ODE d log p_t(u_t)/dt = −∇·h, so integrating the augmented state
 (u, ℓ), dℓ/dt = ∇·h, from t_min to T gives
@@ -43,152 +27,29 @@ the importance-weighted bound, tighter as S grows; each call returns a one-sampl
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from .bpd import bits_per_dim, dequantize, logit_transform
 from .diffusion import LinearDiffusion
-from .divergence import DISTRIBUTIONS, MODES, divergence_and_output
+from .divergence import DISTRIBUTIONS, MODES
+from .fields import ProbabilityFlow
 from .ode import odeint_adaptive, odeint_fixed
-from .ops import apply_kk, data_dim, draw_seed, sum_data
-from .scores import call_model, check_prediction
-from .transition import TransitionKernel
+from .ops import data_dim, draw_seed, sum_data
+from .validation import check_choice, check_finite, check_int
 
 METHODS = ("rk45", "euler", "heun", "rk4")
 
 
-class ScoreCoefficients(NamedTuple):
-    """s = (output ⊗ I) y + (state ⊗ I) u; float64 (B, K, K_y) and (B, K, K) or None."""
-
-    output: Tensor
-    state: Tensor | None
-
-
-class FieldEvaluation(NamedTuple):
-    """A field F linear in (u, s), its divergence (float64 (B,) or None), the network output y."""
-
-    value: Tensor
-    divergence: Tensor | None
-    output: Tensor
-    coefficients: ScoreCoefficients
-
-
-def score_coefficients(diffusion: LinearDiffusion, t64: Tensor, prediction: str,
-                       tk: TransitionKernel | None = None) -> ScoreCoefficients:
-    """(C_y, C_u) of s = C_y y + C_u u (float64); ``tk``: the hybrid-start kernel at t if known."""
-    check_prediction(prediction)
-    B, K = t64.shape[0], diffusion.K
-    if prediction == "score":  # no kernel needed
-        return ScoreCoefficients(torch.eye(K, dtype=torch.float64, device=t64.device).expand(B, K, K), None)
-    tk = diffusion.transition_f64(t64, "hybrid") if tk is None else tk
-    if prediction == "eps":
-        return ScoreCoefficients(-tk.chol_inv_t, None)
-    precision = tk.chol_inv_t @ tk.chol_inv_t.transpose(-1, -2)  # Σ⁻¹ = L⁻ᵀ L⁻¹
-    return ScoreCoefficients(precision @ tk.mean_coef[:, :, :1], -precision)
-
-
-def network_output(model, u: Tensor, t64: Tensor, prediction: str) -> Tensor:
-    """y = model(u, t) as (B, K_y, *data): the whole state, or x̂₀ as one variable ("x0")."""
-    out = call_model(model, u, t64, prediction)
-    if prediction != "x0":
-        return out
-    return out[:, :1] if out.shape == u.shape else out.unsqueeze(1)
-
-
-def score_linear_field(model, diffusion: LinearDiffusion, prediction: str, u: Tensor, t64: Tensor,
-                       state_mat: Tensor | None, score_mat: Tensor, divergence: dict | None = None,
-                       tk: TransitionKernel | None = None) -> FieldEvaluation:
-    """F(u) = (S ⊗ I) u + (G ⊗ I) s(u, t) and, if ``divergence`` is given, ∇·F per sample.
-
-    S (``state_mat``, or None for 0) and G (``score_mat``) are float64 (B, K, K).
-    ``divergence``: keyword options of :func:`fastmdm.divergence.divergence_and_output`
-    (exact, probes, distribution, mode, seed, chunk_size); None: one plain network call.
-    """
-    d = data_dim(u.shape[1:])
-    coef = score_coefficients(diffusion, t64, prediction, tk)
-    state = state_mat
-    if coef.state is not None:
-        state = score_mat @ coef.state if state is None else state + score_mat @ coef.state
-    out_mat = score_mat @ coef.output
-
-    def fn(x):
-        return network_output(model, x, t64, prediction)
-
-    if divergence is None:
-        y, div = fn(u), None
-    else:
-        div, y = divergence_and_output(fn, u, out_mat, **divergence)
-        if state is not None:
-            div = div + torch.diagonal(state, dim1=-2, dim2=-1).sum(-1) * d
-    value = apply_kk(out_mat, y)
-    if state is not None:
-        value = value + apply_kk(state, u)
-    return FieldEvaluation(value, div, y, coef)
-
-
-def score_of(evaluation: FieldEvaluation, u: Tensor) -> Tensor:
-    """s = (C_y ⊗ I) y + (C_u ⊗ I) u from a field evaluation."""
-    coef = evaluation.coefficients
-    score = apply_kk(coef.output, evaluation.output)
-    return score if coef.state is None else score + apply_kk(coef.state, u)
-
-
-class ProbabilityFlow:
-    """The probability-flow drift h(u, t) = β(t)[A u − D s(u, t)] of ``model`` (mdm-math.md §6).
-
-    ``flow(u, t)`` returns h (one network call); ``flow.with_divergence(u, t, …)`` returns
-    (h, ∇·h) with ∇·h = β tr(A) d − β ∇·(D s) in float64, the mixing −β D C_y folded into
-    the probe reduction. t: a float or a (B,) tensor in [t_min, T].
-    """
-
-    def __init__(self, model, diffusion: LinearDiffusion, prediction: str = "eps"):
-        if not callable(model):
-            raise TypeError(f"model must be callable as model(u, t), got {type(model).__name__}")
-        if not isinstance(diffusion, LinearDiffusion):
-            raise TypeError(f"diffusion must be a LinearDiffusion, got {type(diffusion).__name__}")
-        self.model, self.diffusion, self.prediction = model, diffusion, check_prediction(prediction)
-
-    def _evaluate(self, u: Tensor, t, divergence: dict | None) -> FieldEvaluation:
-        self.diffusion.check_state(u)
-        t64 = self.diffusion.check_time(t, batch=u.shape[0], device=u.device)
-        beta = self.diffusion.beta(t64)[:, None, None]
-        A, D = self.diffusion.A.to(u.device), self.diffusion.D.to(u.device)
-        return score_linear_field(self.model, self.diffusion, self.prediction, u, t64, beta * A, -beta * D,
-                                  divergence)
-
-    def __call__(self, u: Tensor, t) -> Tensor:
-        return self._evaluate(u, t, None).value
-
-    def with_divergence(self, u: Tensor, t, *, exact: bool = False, probes: int = 1,
-                        distribution: str = "rademacher", mode: str = "jvp", seed: int | None = None,
-                        chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
-        """(h, ∇·h): exact (one JVP per coordinate) or Hutchinson with the probes of ``seed``."""
-        options = dict(exact=exact, probes=probes, distribution=distribution, mode=mode,
-                       seed=draw_seed() if seed is None and not exact else seed, chunk_size=chunk_size)
-        evaluation = self._evaluate(u, t, options)
-        return evaluation.value, evaluation.divergence
-
-
-def probability_flow_drift(model, diffusion: LinearDiffusion, prediction: str = "eps") -> ProbabilityFlow:
-    """The probability-flow drift h(u, t) = β(t)[A u − D s(u, t)] as a callable (see ProbabilityFlow)."""
-    return ProbabilityFlow(model, diffusion, prediction)
-
-
 def _check_options(method, steps, aux_samples, probes, distribution, mode) -> None:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method != "rk45" and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
-        raise ValueError(f"method={method!r} needs steps, a positive integer; got {steps!r}")
-    if not isinstance(aux_samples, int) or isinstance(aux_samples, bool) or aux_samples < 1:
-        raise ValueError(f"aux_samples must be a positive integer, got {aux_samples!r}")
-    if not isinstance(probes, int) or isinstance(probes, bool) or probes < 1:
-        raise ValueError(f"probes must be a positive integer, got {probes!r}")
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_choice(method, METHODS, "method")
+    if method != "rk45":
+        check_int(steps, f"steps (needed by method={method!r})")
+    check_int(aux_samples, "aux_samples")
+    check_int(probes, "probes")
+    check_choice(distribution, DISTRIBUTIONS, "distribution")
+    check_choice(mode, MODES, "mode")
 
 
 def likelihood_grid(diffusion: LinearDiffusion, steps: int) -> list[float]:
@@ -218,8 +79,7 @@ def ode_log_likelihood(model, diffusion: LinearDiffusion, x0: Tensor, prediction
     """
     flow = ProbabilityFlow(model, diffusion, prediction)
     diffusion.check_data(x0, "hybrid")
-    if not torch.isfinite(x0).all():
-        raise ValueError("x0 contains NaN or infinite values")
+    check_finite(x0, "x0")
     _check_options(method, steps, aux_samples, probes, distribution, mode)
     B, K, d = x0.shape[0], diffusion.K, data_dim(x0.shape)
     x = x0.repeat(aux_samples, *([1] * (x0.dim() - 1)))  # (S·B, *data), sample-major

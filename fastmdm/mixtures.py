@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .diffusion import LinearDiffusion
-from .scores import check_prediction, eps_from_score
+from .parameterization import get_parameterization
 
 
 class GaussianMixture:
@@ -100,7 +100,8 @@ class GaussianMixture:
 
 def exact_score_model(mixture: GaussianMixture, diffusion: LinearDiffusion, prediction: str = "eps"):
     """A model(u, t) with the exact answer for ``prediction``: ε̂ = −L_tᵀ s, s, or E[x₀ | u]."""
-    check_prediction(prediction)
+    get_parameterization(prediction)
+    score_to_eps = get_parameterization("score").eps_map
 
     def model(u: Tensor, t: Tensor) -> Tensor:
         if prediction == "x0":
@@ -110,6 +111,6 @@ def exact_score_model(mixture: GaussianMixture, diffusion: LinearDiffusion, pred
         if prediction == "score":
             return s
         tk = diffusion.transition_f64(diffusion.check_time(t, batch=u.shape[0], device=u.device))
-        return eps_from_score(s, tk)
+        return score_to_eps(tk).apply(s, u)
 
     return model

@@ -22,7 +22,6 @@ import torch
 from torch import Tensor
 
 from .diffusion import LinearDiffusion
-from .importance import tau_inverse
 
 COLLOCATION_NODES = 8  # order 16 per step
 MAX_STEP_RATE = 0.5  # h‖F‖ per step: local error far below float64 rounding
@@ -42,7 +41,7 @@ def diffusion_key(diffusion: LinearDiffusion) -> tuple:
 @torch.no_grad()
 def hybrid_factor(diffusion: LinearDiffusion, tau: Tensor) -> Tensor:
     """L at the given τ values (hybrid start, float64 on CPU), (n, K, K)."""
-    t = tau_inverse(diffusion, tau.to(torch.float64))
+    t = diffusion.tau_inverse(tau.to(torch.float64))
     return diffusion.transition_f64(t.clamp(diffusion.t_min, diffusion.T), "hybrid").chol
 
 

@@ -20,22 +20,27 @@ from torch import Tensor
 
 from .diffusion import LinearDiffusion
 from .dsm import weighted_dsm
+from .fields import score_linear_field
 from .importance import sample_time
-from .likelihood import score_linear_field, score_of
 from .ops import apply_kk, data_dim, draw_seed, sum_data
-from .profiling import stage
-from .scores import call_model, check_prediction, score_from_output
+from .parameterization import Parameterization, get_parameterization
+from .stages import stage
 from .transition import TransitionKernel
+from .validation import check_finite, check_int
 
 
-def _check_inputs(diffusion: LinearDiffusion, x0: Tensor, prediction: str | None = None) -> None:
+def _check_inputs(diffusion: LinearDiffusion, x0: Tensor, prediction: str = "eps") -> Parameterization:
+    """Validate the public objectives' inputs once; returns the parameterisation of ``prediction``."""
     if not isinstance(diffusion, LinearDiffusion):
         raise TypeError(f"diffusion must be a LinearDiffusion, got {type(diffusion).__name__}")
     diffusion.check_data(x0, "hybrid")
-    if prediction is not None:
-        check_prediction(prediction)
-    if not torch.isfinite(x0).all():
-        raise ValueError("x0 contains NaN or infinite values")
+    check_finite(x0, "x0")
+    return get_parameterization(prediction)
+
+
+def _network_output(model, parameterization: Parameterization, u: Tensor, t64: Tensor) -> Tensor:
+    """y = model(u, t) (t cast to u's dtype) in the parameterisation's compact layout, validated."""
+    return parameterization.output(model(u, t64.to(u.dtype)), u)
 
 
 def _time(diffusion, x0, t, importance, generator) -> tuple[Tensor, Tensor]:
@@ -58,13 +63,13 @@ def noise_prediction_loss(model, diffusion: LinearDiffusion, x0: Tensor, t=None,
 
     The weighted DSM pass with W = 2I: on the Triton path ε is regenerated, never stored.
     """
-    _check_inputs(diffusion, x0)
+    noise = _check_inputs(diffusion, x0)
     t64, _ = _time(diffusion, x0, t, False, generator)
     tk = diffusion.transition_f64(t64, "hybrid")
     u, eps = diffusion.perturb_with_kernel(x0, tk, "hybrid", generator, store_noise=False)
     K = diffusion.K
     two = torch.eye(K, dtype=x0.dtype, device=x0.device).mul(2).expand(x0.shape[0], K, K)
-    return weighted_dsm(call_model(model, u, t64, "eps"), eps, two)
+    return weighted_dsm(_network_output(model, noise, u, t64), eps, two)
 
 
 def drift_divergence(diffusion: LinearDiffusion, t64: Tensor, d: int) -> Tensor:
@@ -101,7 +106,7 @@ def _aux_sample(diffusion: LinearDiffusion, x0: Tensor, generator) -> Tensor:
     return torch.cat([x0.unsqueeze(1), v0], dim=1)
 
 
-def tmin_offset(model, diffusion: LinearDiffusion, x0: Tensor, prediction: str = "eps",
+def tmin_offset(model, diffusion: LinearDiffusion, x0: Tensor, parameterization: Parameterization,
                 generator: torch.Generator | None = None,
                 kernels: tuple[TransitionKernel, TransitionKernel] | None = None) -> Tensor:
     """log p(u₀ | u_ε) − log q(u_ε | u₀) at t_min (full start), one sample, (B,).
@@ -117,15 +122,14 @@ def tmin_offset(model, diffusion: LinearDiffusion, x0: Tensor, prediction: str =
     full, hybrid = (TransitionKernel(*(m.expand(B, -1, -1) for m in tk)) for tk in kernels)
     u_eps, eps = diffusion.perturb_with_kernel(_aux_sample(diffusion, x0, generator), full, "full",
                                                generator)
-    score = score_from_output(call_model(model, u_eps, t64, prediction), u_eps, hybrid, prediction)
+    score = parameterization.score(_network_output(model, parameterization, u_eps, t64), u_eps, hybrid)
     resid = eps + apply_kk(full.chol.transpose(-1, -2), score)
     log_det = diffusion.tau(t64) * torch.diagonal(diffusion.A).sum().to(t64.device) * d
     return -0.5 * sum_data(resid**2) + 0.5 * sum_data(eps**2) + log_det.to(x0.dtype)
 
 
-def _elbo_terms(model, diffusion, x0, prediction, importance, generator, t, integrand,
+def _elbo_terms(model, diffusion, x0, parameterization, importance, generator, t, integrand,
                 store_noise: bool = True) -> Tensor:
-    _check_inputs(diffusion, x0, prediction)
     t64, pdf = _time(diffusion, x0, t, importance, generator)
     B = x0.shape[0]
     ends = torch.tensor([diffusion.T, diffusion.t_min], dtype=torch.float64, device=x0.device)
@@ -138,7 +142,7 @@ def _elbo_terms(model, diffusion, x0, prediction, importance, generator, t, inte
     integral = ell / pdf.to(ell.dtype)
     with stage("elbo.tmin_offset"):
         full = diffusion.transition_f64(ends[1:], "full")
-        offset = tmin_offset(model, diffusion, x0, prediction, generator, (full, at_tmin))
+        offset = tmin_offset(model, diffusion, x0, parameterization, generator, (full, at_tmin))
     with stage("elbo.prior"):
         elbo = -prior_cross_entropy(diffusion, x0, at_T).to(x0.dtype) + integral + offset
     return -(elbo + aux_entropy(diffusion, x0))
@@ -150,22 +154,23 @@ def dsm_elbo(model, diffusion: LinearDiffusion, x0: Tensor, prediction: str = "e
 
     One draw of t (importance-sampled by default, estimate g(t)/p(t)) and one of u_t.
     """
+    parameterization = _check_inputs(diffusion, x0, prediction)
     d = data_dim(x0.shape)
 
     def integrand(u, eps, t64, tk):
         W = dsm_weight(diffusion, t64, tk)
-        out = call_model(model, u, t64, prediction)
+        out = _network_output(model, parameterization, u, t64)
         if prediction == "eps":  # ½ Σ (ε̂ − ε)ᵀ W (ε̂ − ε), ε possibly regenerated from its seed
             mismatch = weighted_dsm(out, eps, W)
         else:  # ½ Σ (s − ∇log q)ᵀ 2βD (s − ∇log q), ∇log q = −L⁻ᵀ ε
             two_beta_d = 2 * diffusion.beta(t64)[:, None, None] * diffusion.D.to(u.device)
-            score = score_from_output(out, u, tk, prediction)
+            score = parameterization.score(out, u, tk)
             mismatch = weighted_dsm(score, -apply_kk(tk.chol_inv_t, eps), two_beta_d)
         const = 0.5 * torch.diagonal(W, dim1=-2, dim2=-1).sum(-1) * d + drift_divergence(
             diffusion, t64, d)
         return -mismatch + const.to(mismatch.dtype)
 
-    return _elbo_terms(model, diffusion, x0, prediction, importance, generator, t, integrand,
+    return _elbo_terms(model, diffusion, x0, parameterization, importance, generator, t, integrand,
                        store_noise=prediction != "eps")
 
 
@@ -176,15 +181,17 @@ def ism_elbo(model, diffusion: LinearDiffusion, x0: Tensor, prediction: str = "e
 
     ∇·(2βD s) by Hutchinson with ``probes`` Rademacher probes in one batched JVP, the mixing
     2βD C_y (C_y = −L_t⁻ᵀ for noise prediction) folded into the probe reduction
-    (fastmdm.likelihood.score_linear_field); differentiable.
+    (fastmdm.fields.score_linear_field); differentiable.
     """
+    parameterization = _check_inputs(diffusion, x0, prediction)
+    check_int(probes, "probes")
     d = data_dim(x0.shape)
 
     def integrand(u, eps, t64, tk):
         two_beta_d = 2 * diffusion.beta(t64)[:, None, None] * diffusion.D.to(u.device)
-        probe_options = dict(probes=probes, seed=draw_seed(generator))
-        field = score_linear_field(model, diffusion, prediction, u, t64, None, two_beta_d, probe_options, tk)
+        field = score_linear_field(model, diffusion, parameterization, u, t64, None, two_beta_d,
+                                   dict(probes=probes, seed=draw_seed(generator)), tk)
         const = drift_divergence(diffusion, t64, d).to(u.dtype)
-        return -0.5 * sum_data(score_of(field, u) * field.value) - field.divergence.to(u.dtype) + const
+        return -0.5 * sum_data(field.score(u) * field.value) - field.divergence.to(u.dtype) + const
 
-    return _elbo_terms(model, diffusion, x0, prediction, importance, generator, t, integrand)
+    return _elbo_terms(model, diffusion, x0, parameterization, importance, generator, t, integrand)

@@ -19,14 +19,12 @@ import torch
 from torch import Tensor
 
 from .diffusion import LinearDiffusion
-from .grids import GRIDS, check_steps, time_grid
-from .importance import tau_inverse
-from .likelihood import probability_flow_drift
+from .fields import probability_flow_drift
+from .grids import GRIDS, time_grid
 from .noise_frame import diffusion_key
 from .ode import odeint_adaptive
 from .ops import apply_kk
-from .profiling import staged
-from .scores import check_output, check_prediction
+from .parameterization import get_parameterization
 from .solvers import (
     NOISES,
     ancestral_plan,
@@ -38,6 +36,8 @@ from .solvers import (
     transition_at,
     tweedie_weights,
 )
+from .stages import staged
+from .validation import check_int
 
 SOLVERS = ("euler-maruyama", "ei-ode", "ancestral", "heun", "rk45", "sscs")
 CORRECTORS = (None, "langevin")
@@ -58,7 +58,7 @@ def resolve_model(model, diffusion: LinearDiffusion, prediction: str | None) -> 
         model = bind(diffusion)
     if prediction is None:
         prediction = getattr(model, "prediction", "eps")
-    return model, check_prediction(prediction)
+    return model, get_parameterization(prediction).name
 
 
 def _check_shape(shape) -> tuple[int, ...]:
@@ -113,7 +113,7 @@ class _Network:
     def __call__(self, u: Tensor, t: Tensor) -> Tensor:
         out = self.model(u, t)
         if self.nfe == 0:
-            out = check_output(out, u, self.prediction)
+            out = get_parameterization(self.prediction).check_output(out, u)
         self.nfe += 1
         if self.prediction == "x0" and out.shape != u.shape:
             out = out.unsqueeze(1).expand_as(u)
@@ -198,7 +198,7 @@ def _log_tau_flow(model, diffusion: LinearDiffusion, prediction: str, counter: l
 
     def rate(rho: float, u: Tensor) -> Tensor:
         tau = torch.tensor([math.exp(rho)], dtype=torch.float64)
-        t = float(tau_inverse(diffusion, tau).clamp(diffusion.t_min, diffusion.T)[0])
+        t = float(diffusion.tau_inverse(tau).clamp(diffusion.t_min, diffusion.T)[0])
         counter[0] += 1
         return drift(u, t) * (float(tau[0]) / float(diffusion.beta(torch.tensor(t))))
 
@@ -277,10 +277,10 @@ def sample(model, diffusion: LinearDiffusion, shape, steps: int | None = None, s
         raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
     if not (isinstance(snr, (int, float)) and snr > 0):
         raise ValueError(f"snr must be a positive number, got {snr!r}")
-    check_steps(corrector_steps, "corrector_steps")
+    check_int(corrector_steps, "corrector_steps")
     model, prediction = resolve_model(model, diffusion, prediction)
     shape = _check_shape(shape)
-    steps = check_steps(DEFAULT_STEPS.get(solver, 20) if steps is None else steps)
+    steps = check_int(DEFAULT_STEPS.get(solver, 20) if steps is None else steps, "steps")
     grid = DEFAULT_GRID.get(solver, "logsnr") if grid is None else grid
     if grid not in GRIDS:
         raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")

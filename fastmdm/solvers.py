@@ -24,7 +24,6 @@ import torch
 from torch import Tensor
 
 from .diffusion import LinearDiffusion
-from .importance import tau_inverse
 from .noise_frame import rotation
 from .transition import expm_and_gramian, expm_taylor
 
@@ -121,7 +120,7 @@ def ei_ode_plan(diffusion: LinearDiffusion, times: Tensor, order: int = 2,
     if need_nodes:
         nodes, weights = _gauss_legendre(rho[:-1], rho[1:], QUADRATURE_NODES)
         node_tau = nodes.exp()
-        node_tk = transition_at(diffusion, tau_inverse(diffusion, node_tau.flatten()).clamp(
+        node_tk = transition_at(diffusion, diffusion.tau_inverse(node_tau.flatten()).clamp(
             diffusion.t_min, diffusion.T))
         flow_nodes = flow(diffusion, tau[1:, None], node_tau)  # Φ(s, r_i): (N, m, K, K)
     L = transition_at(diffusion, times).chol
@@ -230,7 +229,7 @@ def sscs_plan(diffusion: LinearDiffusion, times: Tensor) -> LinearPlan:
     half = (tau[:-1] - tau[1:]) / 2
     M_half, P_half = expm_and_gramian(A_rev, 2 * D, half, var)
     C_half = psd_sqrt(P_half)
-    mid_times = tau_inverse(diffusion, tau[1:] + half).clamp(diffusion.t_min, diffusion.T)
+    mid_times = diffusion.tau_inverse(tau[1:] + half).clamp(diffusion.t_min, diffusion.T)
     chol_inv_t = transition_at(diffusion, mid_times).chol_inv_t
     h = (2 * half)[:, None, None]
     score_state = torch.eye(diffusion.K, dtype=torch.float64) + 2 * h * D / var

@@ -30,8 +30,8 @@ from .data import DataTransform, check_finite
 from .diffusion import LinearDiffusion, alda, cld, learned, malda, vpsde
 from .models import build_network
 from .objectives import dsm_elbo, ism_elbo, noise_prediction_loss
-from .profiling import stage
-from .scores import check_prediction
+from .parameterization import get_parameterization
+from .stages import stage
 
 OBJECTIVES = ("dsm", "ism", "noise")
 DIFFUSIONS = ("vpsde", "cld", "alda", "malda", "learned")
@@ -91,7 +91,7 @@ class MDM(nn.Module):
             raise TypeError(f"diffusion must be a LinearDiffusion, got {type(diffusion).__name__}")
         if not isinstance(score_model, nn.Module):
             raise TypeError(f"score_model must be an nn.Module, got {type(score_model).__name__}")
-        check_prediction(prediction)
+        get_parameterization(prediction)
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         if objective == "noise" and prediction != "eps":

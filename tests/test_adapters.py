@@ -43,7 +43,7 @@ def test_k_diffusion_adapter_matches_x0_model():
     def denoiser(x, sigma):  # k-diffusion convention: x = x₀ + σ n
         alpha = (1 + sigma**2).rsqrt()
         tau = torch.log1p(sigma.to(F64) ** 2)
-        t = fm.importance.tau_inverse(diff, tau)
+        t = diff.tau_inverse(tau)
         return x0_model((x * alpha.view(-1, 1)).unsqueeze(1), t)[:, 0]  # state-shaped x̂₀ -> data
 
     a = sample(x0_model, diff, (6, 2), steps=8, prediction="x0", generator=torch.Generator().manual_seed(1))

@@ -6,7 +6,6 @@ import torch
 import fastmdm as fm
 from fastmdm import reference
 from fastmdm.grids import GRIDS, time_grid
-from fastmdm.importance import _phi
 
 
 @pytest.mark.parametrize("kind", GRIDS)
@@ -28,7 +27,7 @@ def test_uniform_and_logsnr_spacing():
     diff = fm.malda(3)
     t = time_grid(diff, 20, "uniform")
     assert torch.allclose(t[:-1] - t[1:], torch.full((20,), (1 - 1e-3) / 20, dtype=torch.float64), atol=1e-14)
-    phi = _phi(diff.tau(time_grid(diff, 20, "logsnr")))
+    phi = diff.phi(time_grid(diff, 20, "logsnr"))
     gaps = phi[1:] - phi[:-1]
     assert torch.allclose(gaps, gaps.mean().expand(20), rtol=1e-10)
 

@@ -7,10 +7,11 @@ import torch
 
 import fastmdm as fm
 from fastmdm.bpd import bits_per_dim, dequantize, logit_transform
-from fastmdm.likelihood import ode_bits_per_dim, ode_log_likelihood, probability_flow_drift
+from fastmdm.fields import probability_flow_drift
+from fastmdm.likelihood import ode_bits_per_dim, ode_log_likelihood
 from fastmdm.mixtures import GaussianMixture, exact_score_model
 from fastmdm.objectives import dsm_elbo, ism_elbo
-from fastmdm.scores import score_from_output
+from fastmdm.parameterization import get_parameterization
 
 F64 = torch.float64
 # T large enough that the law at T is π = N(0, Σ∞) to ~1e-6 (VP: mean factor e^{−τ(T)/2}),
@@ -45,7 +46,7 @@ class TinyNet(torch.nn.Module):
 @pytest.mark.parametrize("prediction,data_only",
                          [("eps", False), ("score", False), ("x0", False), ("x0", True)])
 def test_probability_flow_drift_and_its_exact_divergence(prediction, data_only):
-    """h = β(A u − D s) with s from scores.score_from_output; ∇·h equals the dense Jacobian's trace."""
+    """h = β(A u − D s) with s from the parameterisation; ∇·h equals the dense Jacobian's trace."""
     diff = fm.cld()
     B, K, d = 2, 2, 3
     net = TinyNet(K, d, data_only)
@@ -53,7 +54,8 @@ def test_probability_flow_drift_and_its_exact_divergence(prediction, data_only):
     u = torch.randn(B, K, d)
     t = torch.tensor([0.05, 0.7])
     tk = diff.transition_f64(t)
-    s = score_from_output(net(u, t), u, tk, prediction)
+    param = get_parameterization(prediction)
+    s = param.score(param.output(net(u, t), u), u, tk)
     beta = diff.beta(t)[:, None, None]
     want = (beta * diff.A) @ u - (beta * diff.D) @ s
     torch.testing.assert_close(flow(u, t), want, rtol=1e-12, atol=1e-12)

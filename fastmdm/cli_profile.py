@@ -1,18 +1,11 @@
-"""Profiling: named stages (NVTX + torch.profiler ranges) and `fastmdm profile`.
+"""`fastmdm profile`: a few steps of training, sampling or ELBO evaluation under torch.profiler.
 
-``with stage("perturb"):`` marks a fastmdm stage. On CUDA it opens an NVTX range
-``fastmdm.perturb`` (seen by Nsight Systems / Nsight Compute); while torch.profiler
-records it also opens a ``record_function`` range of the same name (seen in the
-Chrome/Perfetto trace). Otherwise it does nothing, so it is cheap on hot CPU paths.
-
-:func:`run_profile` runs a few steps of training, sampling or ELBO evaluation under
-torch.profiler, writes the Chrome trace JSON and returns (and prints) the top ops by
-self time.
+:func:`run_profile` writes the Chrome trace JSON and returns (and prints) the top ops by
+self time; the stages it shows are those of :mod:`fastmdm.stages`.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from collections.abc import Callable
@@ -20,62 +13,20 @@ from pathlib import Path
 
 import torch
 
+from .diffusion import alda
+from .mixtures import GaussianMixture
+from .models import MLPScore
+from .objectives import dsm_elbo
+from .sampling import sample
+from .stages import PREFIX, stage
+from .training import MDM, Trainer
+from .validation import check_choice, check_int
+
 WORKLOADS = ("train", "sample", "elbo")
-PREFIX = "fastmdm."
-# True while dynamo traces (stages then vanish from compiled graphs instead of breaking them)
-_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
-
-
-class stage:  # noqa: N801 -- used as a lowercase context manager, like torch.no_grad
-    """Context manager naming a fastmdm stage: NVTX range on CUDA, profiler range while profiling."""
-
-    __slots__ = ("label", "_nvtx", "_record")
-
-    def __init__(self, name: str):
-        self.label = PREFIX + name
-        self._nvtx = False
-        self._record = None
-
-    def __enter__(self) -> stage:
-        if _is_compiling():
-            return self
-        if torch.cuda.is_initialized():
-            torch.cuda.nvtx.range_push(self.label)
-            self._nvtx = True
-        if torch.autograd._profiler_enabled():  # a profiler is recording: add a named range
-            self._record = torch.profiler.record_function(self.label)
-            self._record.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._record is not None:
-            self._record.__exit__(*exc)
-            self._record = None
-        if self._nvtx:
-            torch.cuda.nvtx.range_pop()
-            self._nvtx = False
-
-
-def staged(name: str):
-    """Decorator: run the function inside ``stage(name)``."""
-
-    def decorate(fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            with stage(name):
-                return fn(*args, **kwargs)
-
-        return wrapper
-
-    return decorate
 
 
 def _toy_setup(device: torch.device, batch: int, seed: int = 0):
     """ALDA on 2-D data from an 8-component Gaussian mixture on a circle, and a small MLP."""
-    from .diffusion import alda
-    from .mixtures import GaussianMixture
-    from .models import MLPScore
-
     angles = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
     mixture = GaussianMixture(torch.ones(8), 4 * torch.stack([angles.cos(), angles.sin()], 1),
                               torch.full((8,), 0.1))
@@ -91,8 +42,6 @@ def _workload(what: str, device: torch.device, batch: int) -> Callable[[], objec
     """One step of the profiled workload, as a zero-argument callable."""
     diffusion, model, x0 = _toy_setup(device, batch)
     if what == "train":
-        from .training import MDM, Trainer
-
         trainer = Trainer(MDM(diffusion, model), lr=1e-3, warmup=1)
 
         def step():
@@ -101,17 +50,11 @@ def _workload(what: str, device: torch.device, batch: int) -> Callable[[], objec
 
         return step
     if what == "sample":
-        try:
-            from .sampling import sample
-        except ImportError as err:
-            raise ValueError(f"what='sample' needs fastmdm.sampling, not available ({err})") from None
-
         @torch.no_grad()
         def step():
             return sample(model, diffusion, shape=(batch, 2), steps=10)
 
         return step
-    from .objectives import dsm_elbo
 
     @torch.no_grad()
     def step():
@@ -146,10 +89,8 @@ def run_profile(what: str = "train", out="profiles", device=None, *, steps: int 
     chrome://tracing) under ``out``, prints the top ops by self time (CUDA kernels on
     a GPU) and returns {"trace": path, "top": [{name, self_time_us, calls}, ...]}.
     """
-    if what not in WORKLOADS:
-        raise ValueError(f"what must be one of {WORKLOADS}, got {what!r}")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    check_choice(what, WORKLOADS, "what")
+    check_int(steps, "steps")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but torch.cuda.is_available() is False")

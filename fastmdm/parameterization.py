@@ -1,0 +1,143 @@
+"""What the network predicts, as affine maps to the score and to the noise (docs/math.md §3).
+
+With the hybrid-start kernel q(u_t | x₀) = N(a x₀, Σ_t), a = M_t[:, 0], Σ_t = L_t L_tᵀ, the score
+s = ∇ log p_t and the Cholesky noise ε̂ = −L_tᵀ s are affine in the network output y:
+
+    s  = (S_out ⊗ I) y + (S_state ⊗ I) u,        ε̂ = (E_out ⊗ I) y + (E_state ⊗ I) u,
+
+    kind     y              S_out         S_state     E_out       E_state
+    "eps"    ε̂ (K vars)     −L⁻ᵀ          0           I           0
+    "score"  s (K vars)     I             0           −Lᵀ         0
+    "x0"     x̂₀ (1 var)     Σ⁻¹ a         −Σ⁻¹        −L⁻¹ a      L⁻¹
+
+(x0 by Tweedie: a x̂₀ = u + Σ s). The K×K blocks are float64 per time, None for I (out) or 0
+(state). The denoised estimate from ε̂ is the GLS projection of u + Σ s = L(L⁻¹u − ε̂) onto the
+data direction a: x̂₀ = wᵀ(L⁻¹u − ε̂), b = L⁻¹a, w = b / ‖b‖².
+
+A new kind is one subclass of :class:`Parameterization` and one entry in ``_KINDS``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor
+
+from .ops import apply_kk
+from .transition import TransitionKernel
+from .validation import check_choice
+
+
+class AffineMap(NamedTuple):
+    """z = (out ⊗ I) y + (state ⊗ I) u; out (B, K, K_y) or None for I, state (B, K, K) or None for 0."""
+
+    out: Tensor | None
+    state: Tensor | None
+
+    def apply(self, y: Tensor, u: Tensor) -> Tensor:
+        """The map on y (B, K_y, *data) and u (B, K, *data), in u's dtype."""
+        z = y if self.out is None else apply_kk(self.out, y)
+        return z if self.state is None else z + apply_kk(self.state, u)
+
+
+class Parameterization:
+    """One prediction kind: its output layout and its maps to the score and to ε̂.
+
+    ``output_vars``: variables of the compact output y, None for all K (the state's shape).
+    ``needs_kernel``: False when the maps do not depend on the transition kernel (tk may be None).
+    """
+
+    name: str = ""
+    output_vars: int | None = None
+    needs_kernel: bool = True
+
+    def check_output(self, out, u: Tensor, name: str = "model output") -> Tensor:
+        """``out`` if it is a tensor shaped like the state u (or, for one-variable kinds, (B, *data))."""
+        if not isinstance(out, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(out).__name__}")
+        if out.shape != u.shape and not (self.output_vars is not None and out.shape == u[:, 0].shape):
+            raise ValueError(f"{name} must have the state's shape {tuple(u.shape)}, got {tuple(out.shape)}")
+        return out
+
+    def output(self, out, u: Tensor) -> Tensor:
+        """The validated network output as y (B, K_y, *data): the state's shape, or its first variables."""
+        out = self.check_output(out, u)
+        if self.output_vars is None:
+            return out
+        return out[:, : self.output_vars] if out.shape == u.shape else out.unsqueeze(1)
+
+    def score_map(self, tk: TransitionKernel | None) -> AffineMap:
+        raise NotImplementedError
+
+    def eps_map(self, tk: TransitionKernel | None) -> AffineMap:
+        raise NotImplementedError
+
+    def score(self, y: Tensor, u: Tensor, tk: TransitionKernel | None) -> Tensor:
+        """s(u, t) from the compact output y (tk: the hybrid-start kernel at t)."""
+        return self.score_map(tk).apply(y, u)
+
+    def __repr__(self) -> str:
+        return f"Parameterization({self.name!r})"
+
+
+class NoisePrediction(Parameterization):
+    """y = ε̂, the hybrid-start Cholesky noise: s = −L⁻ᵀ ε̂."""
+
+    name = "eps"
+
+    def score_map(self, tk):
+        return AffineMap(-tk.chol_inv_t, None)
+
+    def eps_map(self, tk):
+        return AffineMap(None, None)
+
+
+class ScorePrediction(Parameterization):
+    """y = s: ε̂ = −Lᵀ s."""
+
+    name = "score"
+    needs_kernel = False
+
+    def score_map(self, tk):
+        return AffineMap(None, None)
+
+    def eps_map(self, tk):
+        return AffineMap(-tk.chol.mT, None)
+
+
+class DataPrediction(Parameterization):
+    """y = x̂₀ (one variable; a network may return it as (B, *data) or as a whole state)."""
+
+    name = "x0"
+    output_vars = 1
+
+    def score_map(self, tk):
+        precision = tk.chol_inv_t @ tk.chol_inv_t.mT  # Σ⁻¹ = L⁻ᵀ L⁻¹
+        return AffineMap(precision @ tk.mean_coef[..., :1], -precision)
+
+    def eps_map(self, tk):
+        L_inv = tk.chol_inv_t.mT
+        return AffineMap(-(L_inv @ tk.mean_coef[..., :1]), L_inv)
+
+    def score(self, y, u, tk):
+        """s = −L⁻ᵀ L⁻¹ (u − a x̂₀): the residual first, so no O(1/τ) terms cancel near t_min."""
+        resid = u - apply_kk(tk.mean_coef[..., :1], y)
+        return -apply_kk(tk.chol_inv_t, apply_kk(tk.chol_inv_t.mT, resid))
+
+
+_KINDS = {kind.name: kind for kind in (NoisePrediction(), ScorePrediction(), DataPrediction())}
+PREDICTIONS = tuple(_KINDS)
+
+
+def get_parameterization(name: str) -> Parameterization:
+    """The registered parameterisation called ``name`` (one of ``PREDICTIONS``)."""
+    return _KINDS[check_choice(name, PREDICTIONS, "prediction")]
+
+
+def denoised_weights(tk: TransitionKernel) -> Tensor:
+    """w (B, K), float64, with x̂₀ = wᵀ(L⁻¹u − ε̂): b = L⁻¹ a, w = b / ‖b‖² (GLS projection)."""
+    b = (tk.chol_inv_t.mT @ tk.mean_coef[..., :1])[..., 0]
+    return b / (b * b).sum(-1, keepdim=True)
+
+
+__all__ = ["PREDICTIONS", "AffineMap", "Parameterization", "denoised_weights", "get_parameterization"]
