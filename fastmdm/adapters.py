@@ -16,11 +16,11 @@ import torch
 from torch import Tensor
 
 from .diffusion import LinearDiffusion
+from .validation import check_callable, check_instance
 
 
 def _check_vp(diffusion: LinearDiffusion) -> LinearDiffusion:
-    if not isinstance(diffusion, LinearDiffusion):
-        raise TypeError(f"diffusion must be a LinearDiffusion, got {type(diffusion).__name__}")
+    check_instance(diffusion, LinearDiffusion, "diffusion")
     if diffusion.K != 1:
         raise ValueError(f"single-variable adapters need a K = 1 diffusion (vpsde), got K = {diffusion.K}")
     return diffusion
@@ -32,8 +32,7 @@ class ScoreSDEModel:
     prediction = "eps"
 
     def __init__(self, eps_model, time_scale: float = 1.0):
-        if not callable(eps_model):
-            raise TypeError(f"eps_model must be callable as eps_model(x, t), got {type(eps_model).__name__}")
+        check_callable(eps_model, "eps_model", "eps_model(x, t)")
         self.eps_model, self.time_scale = eps_model, float(time_scale)
 
     def bind(self, diffusion: LinearDiffusion) -> ScoreSDEModel:
@@ -50,8 +49,7 @@ class KDiffusionModel:
     prediction = "x0"
 
     def __init__(self, denoiser, diffusion: LinearDiffusion | None = None):
-        if not callable(denoiser):
-            raise TypeError(f"denoiser must be callable as denoiser(x, sigma), got {type(denoiser).__name__}")
+        check_callable(denoiser, "denoiser", "denoiser(x, sigma)")
         self.denoiser = denoiser
         self.diffusion = None if diffusion is None else _check_vp(diffusion)
 

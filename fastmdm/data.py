@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .bpd import dequantize, logit_inverse, logit_transform
+from .validation import check_finite
 
 TOYS = ("checkerboard", "swissroll", "8gaussians", "moons")
 BUILTIN = ("digits", *TOYS)
@@ -76,16 +77,6 @@ class DataTransform:
 
     def __repr__(self) -> str:
         return f"DataTransform(levels={self.levels}, alpha={self.alpha})"
-
-
-def check_finite(x: Tensor, name: str = "data") -> Tensor:
-    """Raise TypeError unless x is a tensor, ValueError if it has NaN or infinite entries."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    bad = (~torch.isfinite(x)).sum().item()
-    if bad:
-        raise ValueError(f"{name} has {bad} NaN or infinite values")
-    return x
 
 
 def _split(x: Tensor, seed: int) -> tuple[Tensor, Tensor]:

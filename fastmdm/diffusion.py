@@ -18,7 +18,7 @@ from .backend import use_triton
 from .ops import apply_kk
 from .stages import staged
 from .transition import TransitionKernel, transition_kernel
-from .validation import check_choice, check_int
+from .validation import check_choice, check_int, check_number
 
 STARTS = ("hybrid", "full")
 TIME_SLACK = 1e-6  # relative rounding allowed at the ends of [t_min, T]
@@ -100,14 +100,12 @@ class LinearDiffusion(nn.Module):
         check_psd(Dm)
         K = self.K = Qm.shape[0]
         self.name = name
-        if not (math.isfinite(beta_min) and beta_min > 0):
-            raise ValueError(f"beta_min must be a finite number > 0, got {beta_min}")
+        check_number(beta_min, "beta_min", 0.0, low_open=True)
         if not (math.isfinite(beta_max) and beta_min + (beta_max - beta_min) * T > 0):
             raise ValueError(f"beta_max must keep beta(t) > 0 on [0, T], got {beta_max}")
         if not (0 < t_min < T and math.isfinite(T)):
             raise ValueError(f"need 0 < t_min < T, got t_min={t_min}, T={T}")
-        if not init_aux_var > 0:
-            raise ValueError(f"init_aux_var must be > 0, got {init_aux_var}")
+        check_number(init_aux_var, "init_aux_var", 0.0, low_open=True)
         var = torch.as_tensor(stationary_var, dtype=torch.float64).flatten()
         if var.numel() == 1:
             var = var.expand(K).clone()

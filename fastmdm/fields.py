@@ -26,7 +26,7 @@ from .divergence import divergence_and_output
 from .ops import apply_kk, data_dim, draw_seed
 from .parameterization import AffineMap, Parameterization, get_parameterization
 from .transition import TransitionKernel
-from .validation import check_callable
+from .validation import check_callable, check_instance
 
 
 class FieldEvaluation(NamedTuple):
@@ -87,8 +87,7 @@ class ProbabilityFlow:
 
     def __init__(self, model, diffusion: LinearDiffusion, prediction: str = "eps"):
         check_callable(model, "model", "model(u, t)")
-        if not isinstance(diffusion, LinearDiffusion):
-            raise TypeError(f"diffusion must be a LinearDiffusion, got {type(diffusion).__name__}")
+        check_instance(diffusion, LinearDiffusion, "diffusion")
         self.model, self.diffusion = model, diffusion
         self.parameterization = get_parameterization(prediction)
 

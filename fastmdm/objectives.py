@@ -26,13 +26,12 @@ from .ops import apply_kk, data_dim, draw_seed, sum_data
 from .parameterization import Parameterization, get_parameterization
 from .stages import stage
 from .transition import TransitionKernel
-from .validation import check_finite, check_int
+from .validation import check_finite, check_instance, check_int
 
 
 def _check_inputs(diffusion: LinearDiffusion, x0: Tensor, prediction: str = "eps") -> Parameterization:
     """Validate the public objectives' inputs once; returns the parameterisation of ``prediction``."""
-    if not isinstance(diffusion, LinearDiffusion):
-        raise TypeError(f"diffusion must be a LinearDiffusion, got {type(diffusion).__name__}")
+    check_instance(diffusion, LinearDiffusion, "diffusion")
     diffusion.check_data(x0, "hybrid")
     check_finite(x0, "x0")
     return get_parameterization(prediction)
@@ -63,13 +62,13 @@ def noise_prediction_loss(model, diffusion: LinearDiffusion, x0: Tensor, t=None,
 
     The weighted DSM pass with W = 2I: on the Triton path ε is regenerated, never stored.
     """
-    noise = _check_inputs(diffusion, x0)
+    parameterization = _check_inputs(diffusion, x0)
     t64, _ = _time(diffusion, x0, t, False, generator)
     tk = diffusion.transition_f64(t64, "hybrid")
     u, eps = diffusion.perturb_with_kernel(x0, tk, "hybrid", generator, store_noise=False)
     K = diffusion.K
     two = torch.eye(K, dtype=x0.dtype, device=x0.device).mul(2).expand(x0.shape[0], K, K)
-    return weighted_dsm(_network_output(model, noise, u, t64), eps, two)
+    return weighted_dsm(_network_output(model, parameterization, u, t64), eps, two)
 
 
 def drift_divergence(diffusion: LinearDiffusion, t64: Tensor, d: int) -> Tensor:

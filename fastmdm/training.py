@@ -26,12 +26,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .bpd import bits_per_dim
-from .data import DataTransform, check_finite
+from .data import DataTransform
 from .diffusion import LinearDiffusion, alda, cld, learned, malda, vpsde
 from .models import build_network
 from .objectives import dsm_elbo, ism_elbo, noise_prediction_loss
 from .parameterization import get_parameterization
 from .stages import stage
+from .validation import check_finite
 
 OBJECTIVES = ("dsm", "ism", "noise")
 DIFFUSIONS = ("vpsde", "cld", "alda", "malda", "learned")

@@ -7,6 +7,7 @@ validates and binds in one line: ``steps = check_int(steps, "steps")``. A leaf m
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -23,7 +24,7 @@ def check_int(value, name: str, minimum: int = 1) -> int:
 def check_number(value, name: str, low: float | None = None, high: float | None = None, *,
                  low_open: bool = False) -> float:
     """``value`` as a finite float in [low, high] ((low, high] with ``low_open``); bounds may be None."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (low is None or (value > low if low_open else value >= low))
     ok = ok and (high is None or value <= high)
     if not ok:
@@ -38,6 +39,13 @@ def check_choice(value, choices: Sequence, name: str):
     """``value`` if it is one of ``choices``."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_instance(value, cls: type, name: str):
+    """``value`` if it is an instance of ``cls``."""
+    if not isinstance(value, cls):
+        raise TypeError(f"{name} must be a {cls.__name__}, got {type(value).__name__}")
     return value
 
 
@@ -58,4 +66,4 @@ def check_finite(x: Tensor, name: str) -> Tensor:
     return x
 
 
-__all__ = ["check_callable", "check_choice", "check_finite", "check_int", "check_number"]
+__all__ = ["check_callable", "check_choice", "check_finite", "check_instance", "check_int", "check_number"]
