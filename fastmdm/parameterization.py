@@ -43,28 +43,30 @@ class AffineMap(NamedTuple):
 class Parameterization:
     """One prediction kind: its output layout and its maps to the score and to ε̂.
 
-    ``output_vars``: variables of the compact output y, None for all K (the state's shape).
-    ``needs_kernel``: False when the maps do not depend on the transition kernel (tk may be None).
+    ``output_variable``: None when the network predicts all K variables (y has the state's shape),
+    else the index of the one variable it predicts (y is (B, 1, *data); the network may return it
+    as (B, *data) or inside a state-shaped tensor). ``needs_kernel``: False when the maps do not
+    depend on the transition kernel (tk may then be None).
     """
 
     name: str = ""
-    output_vars: int | None = None
+    output_variable: int | None = None
     needs_kernel: bool = True
 
     def check_output(self, out, u: Tensor, name: str = "model output") -> Tensor:
         """``out`` if it is a tensor shaped like the state u (or, for one-variable kinds, (B, *data))."""
         if not isinstance(out, Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(out).__name__}")
-        if out.shape != u.shape and not (self.output_vars is not None and out.shape == u[:, 0].shape):
+        if out.shape != u.shape and not (self.output_variable is not None and out.shape == u[:, 0].shape):
             raise ValueError(f"{name} must have the state's shape {tuple(u.shape)}, got {tuple(out.shape)}")
         return out
 
     def output(self, out, u: Tensor) -> Tensor:
-        """The validated network output as y (B, K_y, *data): the state's shape, or its first variables."""
+        """The validated network output as y (B, K_y, *data): the state's shape, or (B, 1, *data)."""
         out = self.check_output(out, u)
-        if self.output_vars is None:
+        if self.output_variable is None:
             return out
-        return out[:, : self.output_vars] if out.shape == u.shape else out.unsqueeze(1)
+        return (out.select(1, self.output_variable) if out.shape == u.shape else out).unsqueeze(1)
 
     def score_map(self, tk: TransitionKernel | None) -> AffineMap:
         raise NotImplementedError
@@ -109,7 +111,7 @@ class DataPrediction(Parameterization):
     """y = x̂₀ (one variable; a network may return it as (B, *data) or as a whole state)."""
 
     name = "x0"
-    output_vars = 1
+    output_variable = 0
 
     def score_map(self, tk):
         precision = tk.chol_inv_t @ tk.chol_inv_t.mT  # Σ⁻¹ = L⁻ᵀ L⁻¹
