@@ -171,7 +171,7 @@ class LinearDiffusion(nn.Module):
         return 2 * tau / (b + torch.sqrt(b * b + 2 * slope * tau))
 
     def phi(self, t: Tensor) -> Tensor:
-        """φ(t) = log(e^{τ(t)} − 1) = τ + log(−expm1(−τ)), stable for small and large τ (docs/math.md §4).
+        """φ(τ(t)) = log(e^{τ(t)} − 1) = τ + log(−expm1(−τ)), stable for small and large τ (docs/math.md §4).
 
         Minus the log-SNR of a VP-SDE; φ' = β / (1 − e^{−τ}) is the importance density's shape,
         and τ = softplus(φ) inverts it.
