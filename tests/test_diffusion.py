@@ -162,3 +162,22 @@ def test_default_dtype_float64_end_to_end():
     diff = fm.cld()
     assert diff.prior_sample((2, 3)).dtype == torch.float64
     assert diff.transition(0.5).cov.dtype == torch.float64
+
+
+@pytest.mark.parametrize("beta_max", [10.0, 0.1, 20.0])  # 0.1 = beta_min: constant β, the linear branch
+def test_schedule_helpers_tau_inverse_and_phi(beta_max):
+    """τ⁻¹(τ(t)) = t and φ(τ(t)) = log(e^τ − 1), against a float64 evaluation at fresh random times."""
+    diff = fm.vpsde(beta_max=beta_max)
+    g = torch.Generator().manual_seed(7)
+    t = diff.t_min + (diff.T - diff.t_min) * torch.rand(64, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(diff.tau_inverse(diff.tau(t)), t, rtol=1e-13, atol=0)
+    want = torch.tensor([math.log(math.expm1(float(tau))) for tau in diff.tau(t)], dtype=torch.float64)
+    torch.testing.assert_close(diff.phi(t), want, rtol=1e-12, atol=1e-12)
+
+
+def test_start_is_checked_at_the_public_entry_points():
+    diff = fm.cld()
+    x = torch.randn(3, 2)
+    for call in (lambda: diff.transition(0.5, start="initial"), lambda: diff.perturb(x, 0.5, start="initial")):
+        with pytest.raises(ValueError, match="start must be one of"):
+            call()
