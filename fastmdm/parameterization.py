@@ -69,9 +69,11 @@ class Parameterization:
         return (out.select(1, self.output_variable) if out.shape == u.shape else out).unsqueeze(1)
 
     def score_map(self, tk: TransitionKernel | None) -> AffineMap:
+        """(S_out, S_state) of s = S_out·y + S_state·u, tk the hybrid-start kernel at t (float64)."""
         raise NotImplementedError
 
     def eps_map(self, tk: TransitionKernel | None) -> AffineMap:
+        """(E_out, E_state) of ε̂ = E_out·y + E_state·u, tk the hybrid-start kernel at t (float64)."""
         raise NotImplementedError
 
     def score(self, y: Tensor, u: Tensor, tk: TransitionKernel | None) -> Tensor:
