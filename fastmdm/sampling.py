@@ -1,58 +1,64 @@
 """Samplers for any linear MDM: ``sample``, ``encode``, ``decode`` (mdm-math.md §6–7).
 
-``sample(model, diffusion, shape, …)`` draws u_T ~ N(0, Σ∞) and integrates the reverse SDE or the
-probability-flow ODE down to t_min with the chosen solver; ``model(u, t)`` is any callable over the
-state (B, K, *data_shape) that predicts "eps" (the hybrid-start Cholesky noise), "score" or "x0".
-All K×K step coefficients are built once per grid in float64 (:mod:`fastmdm.solvers`, cached) and
-the loop only applies them: no transition kernels, no host synchronisation and fixed shapes inside
-the loop of the fixed-grid solvers, so the loop can be captured in a CUDA graph (see ``sample``).
+``sample(model, diffusion, shape, …)`` draws u_T ~ N(0, Σ∞) (or starts from ``x_T``) and integrates
+the reverse SDE or the probability-flow ODE down to t_min with a solver of the registry
+(:mod:`fastmdm.solvers`, docs/solvers.md); ``model(u, t)`` is any callable over the state
+(B, K, *data_shape) that predicts "eps" (the hybrid-start Cholesky noise), "score" or "x0".
+All K×K step coefficients are built once per grid in float64 (cached) and the loops here only apply
+them: no transition kernels, no host synchronisation and fixed shapes inside the loop of the
+fixed-grid solvers, so the loop can be captured in a CUDA graph (see ``sample``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
-import sys
 from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from .diffusion import LinearDiffusion
+from .diffusion import TIME_SLACK, LinearDiffusion
 from .fields import probability_flow_drift
 from .grids import GRIDS, time_grid
 from .noise_frame import diffusion_key
 from .ode import odeint_adaptive
 from .ops import apply_kk
-from .parameterization import get_parameterization
+from .parameterization import AffineMap, denoised_weights, get_parameterization
 from .solvers import (
-    NOISES,
+    DEFAULT_SOLVER,
+    SOLVERS,
+    AdaptivePlan,
+    HeunPlan,
+    LinearPlan,
+    Solver,
+    adaptive_plan,
     ancestral_plan,
+    check_ei_ode,
+    check_eta,
+    check_tolerances,
     ei_ode_plan,
     euler_maruyama_plan,
+    get_solver,
     heun_plan,
-    prediction_map,
+    register_solver,
     sscs_plan,
     transition_at,
-    tweedie_weights,
 )
 from .stages import staged
-from .validation import check_int
+from .validation import check_callable, check_choice, check_instance, check_int, check_number
 
-SOLVERS = ("euler-maruyama", "ei-ode", "ancestral", "heun", "rk45", "sscs")
 CORRECTORS = (None, "langevin")
-DEFAULT_STEPS = {"euler-maruyama": 500}  # the published default; 20 for the others
-DEFAULT_GRID = {"euler-maruyama": "quadratic"}  # "logsnr" for the others
 _PLAN_CACHE_SIZE = 32
 _plans: OrderedDict = OrderedDict()
 
 
 def resolve_model(model, diffusion: LinearDiffusion, prediction: str | None) -> tuple[Callable, str]:
     """(callable, prediction): adapters from :mod:`fastmdm.adapters` carry their own prediction."""
-    if not callable(model):
-        raise TypeError(f"model must be callable as model(u, t), got {type(model).__name__}")
-    if not isinstance(diffusion, LinearDiffusion):
-        raise TypeError(f"diffusion must be a LinearDiffusion, got {type(diffusion).__name__}")
+    check_callable(model, "model", "model(u, t)")
+    check_instance(diffusion, LinearDiffusion, "diffusion")
     bind = getattr(model, "bind", None)
     if bind is not None:
         model = bind(diffusion)
@@ -71,38 +77,90 @@ def _check_shape(shape) -> tuple[int, ...]:
     return shape
 
 
+def _check_start(diffusion: LinearDiffusion, shape, x_T, device) -> tuple[tuple[int, ...], torch.device]:
+    """(shape, device) of the run; with x_T: a finite float state (B, K, *data_shape) matching ``shape``."""
+    if x_T is None:
+        if shape is None:
+            raise ValueError("shape (B, *data_shape) is required unless x_T is given")
+        device = torch.device(device) if device is not None else diffusion.stationary_var.device
+        return _check_shape(shape), device
+    diffusion.check_state(x_T, "x_T")
+    if not torch.isfinite(x_T).all():
+        raise ValueError("x_T must be finite")
+    state_shape = (x_T.shape[0], *x_T.shape[2:])
+    if shape is not None and _check_shape(shape) != state_shape:
+        raise ValueError(f"x_T has shape {tuple(x_T.shape)}, which does not match shape={tuple(shape)}")
+    if device is not None and torch.device(device).type != x_T.device.type:
+        raise ValueError(f"x_T is on {x_T.device} but device={device!r}")
+    return state_shape, x_T.device
+
+
+def _check_t_min(diffusion: LinearDiffusion, t_min) -> float:
+    """The run's end time: the diffusion's t_min, or a float in (0, T)."""
+    if t_min is None:
+        return diffusion.t_min
+    if isinstance(t_min, bool) or not isinstance(t_min, (int, float)) or not 0 < t_min < diffusion.T:
+        raise ValueError(f"t_min must be a number in (0, T = {diffusion.T}), got {t_min!r}")
+    return float(t_min)
+
+
+def _times(diffusion: LinearDiffusion, solver: Solver, steps, grid, t_min: float) -> Tensor:
+    """The run's float64 grid T ≥ t_0 > … > t_N ≥ t_min: a named grid, or the user's tensor checked."""
+    if not isinstance(grid, Tensor):
+        grid = solver.grid if grid is None else grid
+        if grid not in GRIDS:
+            raise ValueError(f"grid must be one of {GRIDS} or a 1-D tensor of times, got {grid!r}")
+        return time_grid(diffusion, check_int(solver.steps if steps is None else steps, "steps"), grid, t_min)
+    if grid.dim() != 1 or grid.numel() < 2 or not grid.is_floating_point():
+        raise ValueError(f"grid must be a 1-D float tensor of at least 2 times, got shape "
+                         f"{tuple(grid.shape)} and dtype {grid.dtype}")
+    times = grid.detach().to(device="cpu", dtype=torch.float64).clone()
+    if not (torch.isfinite(times).all() and (times[1:] < times[:-1]).all()):
+        raise ValueError("grid must be finite and strictly decreasing (from T down to t_min)")
+    lo, hi = float(times[-1]), float(times[0])
+    if not (lo >= t_min * (1 - TIME_SLACK) and hi <= diffusion.T * (1 + TIME_SLACK)):
+        raise ValueError(f"grid must lie in [t_min, T] = [{t_min}, {diffusion.T}], got [{lo}, {hi}]")
+    if steps is not None and check_int(steps, "steps") != times.numel() - 1:
+        raise ValueError(f"steps={steps} does not match the grid's {times.numel() - 1} steps")
+    return times.clamp_(t_min, diffusion.T)
+
+
+def _with_extra_args(model, extra_args) -> Callable:
+    """model(u, t, **extra_args) as a two-argument callable."""
+    if extra_args is None:
+        return model
+    check_instance(extra_args, dict, "extra_args")
+    return functools.partial(model, **extra_args) if extra_args else model
+
+
 @staged("sample.plan")
-def _plan(diffusion: LinearDiffusion, solver: str, times: Tensor, prediction: str, options: tuple):
-    """Coefficients for (solver, grid, prediction), cached by the diffusion's values."""
-    key = (diffusion_key(diffusion), solver, times.numpy().tobytes(), prediction, options)
+def _plan(diffusion: LinearDiffusion, solver: Solver, times: Tensor, prediction: str, options: dict):
+    """(plan, ε̂ map at its evaluation times, ε̂ map on the grid) for one solver and grid, cached by value."""
+    key = (diffusion_key(diffusion), solver, times.numpy().tobytes(), prediction, tuple(options.items()))
     if key in _plans:
         _plans.move_to_end(key)
         return _plans[key]
-    opts = dict(options)
-    if solver == "ei-ode":
-        plan = ei_ode_plan(diffusion, times, opts["order"], opts["noise"])
-    elif solver == "ancestral":
-        plan = ancestral_plan(diffusion, times, opts["eta"])
-    elif solver == "euler-maruyama":
-        plan = euler_maruyama_plan(diffusion, times)
-    elif solver == "sscs":
-        plan = sscs_plan(diffusion, times)
-    else:
-        plan = heun_plan(diffusion, times)
-    eval_times = times if solver == "heun" else plan.eval_times
-    value = (plan, prediction_map(diffusion, eval_times, prediction),
-             prediction_map(diffusion, times, prediction))
+    plan = solver.plan(diffusion, times, **options)
+    eval_times = getattr(plan, "eval_times", None)
+    value = (plan, None if eval_times is None else _eps_map(diffusion, eval_times, prediction),
+             _eps_map(diffusion, times, prediction) if solver.corrector else None)
     _plans[key] = value
     if len(_plans) > _PLAN_CACHE_SIZE:
         _plans.popitem(last=False)
     return value
 
 
+def _eps_map(diffusion: LinearDiffusion, times: Tensor, prediction: str) -> AffineMap:
+    """ε̂ = E_out·y + E_state·u at each of ``times`` (docs/math.md §3), float64 on CPU."""
+    return get_parameterization(prediction).eps_map(transition_at(diffusion, times))
+
+
 class _Network:
-    """Calls model(u, t) with t a (B,) tensor in the state's dtype; validates the first output, counts NFE."""
+    """model(u, t) with t a (B,) tensor in the state's dtype; returns the checked output y, counts NFE."""
 
     def __init__(self, model, prediction: str, u: Tensor):
         self.model, self.prediction, self.nfe = model, prediction, 0
+        self.param = get_parameterization(prediction)
         self.batch, self.device, self.dtype = u.shape[0], u.device, u.dtype
 
     def times(self, times: Tensor) -> Tensor:
@@ -111,28 +169,63 @@ class _Network:
 
     @staged("sample.network")
     def __call__(self, u: Tensor, t: Tensor) -> Tensor:
-        out = self.model(u, t)
-        if self.nfe == 0:
-            out = get_parameterization(self.prediction).check_output(out, u)
+        y = self.param.output(self.model(u, t), u)
         self.nfe += 1
-        if self.prediction == "x0" and out.shape != u.shape:
-            out = out.unsqueeze(1).expand_as(u)
-        return out
+        return y
 
 
-def _to_eps(out: Tensor, u: Tensor, pmap, n: int) -> Tensor:
-    """ε̂ from a network output (identity for "eps")."""
-    if pmap.out_mat is None:
-        return out
-    eps = apply_kk(pmap.out_mat[n].to(u.device), out)
-    return eps if pmap.state_mat is None else eps + apply_kk(pmap.state_mat[n].to(u.device), u)
+def _to_eps(y: Tensor, u: Tensor, emap: AffineMap, n: int) -> Tensor:
+    """ε̂ at the n-th time of ``emap``'s grid from a network output y (y itself for "eps")."""
+    if emap.out is None and emap.state is None:
+        return y
+    return AffineMap(*(None if m is None else m[n].to(u.device) for m in emap)).apply(y, u)
 
 
-def _progress(progress, n: int, total: int) -> None:
-    if callable(progress):
-        progress(n, total)
-    elif progress and (n == total or n % max(1, total // 10) == 0):
-        print(f"\rsampling: step {n}/{total}", end="\n" if n == total else "", file=sys.stderr)
+class _Denoiser:
+    """x̂₀ = wᵀ(L⁻¹u − ε̂) at the n-th of ``times`` (Tweedie, GLS projection onto the data direction)."""
+
+    def __init__(self, diffusion: LinearDiffusion, times: Tensor, u: Tensor):
+        tk = transition_at(diffusion, times)
+        self.L_inv = tk.chol_inv_t.mT.to(u.device)
+        self.w = denoised_weights(tk).to(device=u.device, dtype=u.dtype)
+
+    def __call__(self, n: int, u: Tensor, eps: Tensor) -> Tensor:
+        return torch.einsum("k,bk...->b...", self.w[n], apply_kk(self.L_inv[n], u) - eps)
+
+
+class Loop:
+    """What a solver's loop shares with ``sample``: the network and its ε̂ maps, the generator, and
+    ``end_step``, which runs the corrector and reports each step to the progress bar and the callback."""
+
+    def __init__(self, net: _Network, diffusion: LinearDiffusion, times: Tensor, eval_times: Tensor | None,
+                 eval_map, generator, corrector, callback, bar):
+        self.net, self.diffusion, self.times = net, diffusion, times
+        self.eval_times, self.eval_map = eval_times, eval_map
+        self.generator, self.corrector, self.callback, self.bar = generator, corrector, callback, bar
+        self._t = times.tolist()
+        self._denoiser = None
+
+    def eps(self, u: Tensor, t: Tensor, n: int) -> Tensor:
+        """ε̂ at the plan's n-th evaluation time (t: its (B,) row of ``net.times(plan.eval_times)``)."""
+        return _to_eps(self.net(u, t), u, self.eval_map, n)
+
+    def report(self, i: int, u: Tensor, denoised: Tensor | None = None) -> None:
+        if self.callback is not None:
+            self.callback({"i": i, "t": self._t[i], "u": u, "denoised": denoised, "nfe": self.net.nfe})
+
+    def end_step(self, u: Tensor, n: int, u_eval: Tensor | None = None, eps: Tensor | None = None) -> Tensor:
+        """After step n: corrector at t_{n+1}, then the reports ("denoised" from u_eval, eps at the n-th
+        evaluation time of the plan)."""
+        if self.corrector is not None:
+            u = self.corrector(u, n + 1)
+        self.bar.update()
+        denoised = None
+        if self.callback is not None and eps is not None:
+            if self._denoiser is None:
+                self._denoiser = _Denoiser(self.diffusion, self.eval_times, u)
+            denoised = self._denoiser(n, u_eval, eps)
+        self.report(n + 1, u, denoised)
+        return u
 
 
 def _noise_seeds(steps: int, generator, device) -> Tensor:
@@ -140,18 +233,7 @@ def _noise_seeds(steps: int, generator, device) -> Tensor:
     return torch.randint(0, 2**31 - 1, (steps,), generator=generator, device=gen_device).to(device)
 
 
-def _end_step(u: Tensor, n: int, N: int, corrector, traj: list | None, progress) -> Tensor:
-    """After step n: optional corrector at t_{n+1}, trajectory record, progress report."""
-    if corrector is not None:
-        u = corrector(u, n + 1)
-    if traj is not None:
-        traj.append(u)
-    _progress(progress, n + 1, N)
-    return u
-
-
-def _run_linear(plan, pmap, net: _Network, u: Tensor, generator, progress, traj: list | None,
-                corrector=None) -> Tensor:
+def run_linear(loop: Loop, plan: LinearPlan, u: Tensor) -> Tensor:
     """The loop u ← Φ (u + Λ ε̂_n) + Σ_j Γ_j ε̂_{n−j} + C ξ of the fixed-grid solvers (a fused step)."""
     from .kernels.sde_step import sde_step
 
@@ -164,41 +246,58 @@ def _run_linear(plan, pmap, net: _Network, u: Tensor, generator, progress, traj:
     pre = None
     if plan.pre_phi is not None:
         pre = torch.stack([plan.pre_phi, plan.pre_noise], 1).to(u.device)
-    seeds = _noise_seeds(2 * N, generator, u.device)
-    t_eval = net.times(plan.eval_times)
+    seeds = _noise_seeds(2 * N, loop.generator, u.device)
+    t_eval = loop.net.times(plan.eval_times)
     history: list[Tensor] = []
     for n in range(N):
         if pre is not None:
-            u = sde_step(u, [], pre[n], seeds, N + n, True, generator)
-        eps = _to_eps(net(u, t_eval[n]), u, pmap, n)
+            u = sde_step(u, [], pre[n], seeds, N + n, True, loop.generator)
+        eps = loop.eps(u, t_eval[n], n)
         history = [eps, *history][:H]
-        u = sde_step(u, history, coefs[n, : 3 + len(history)], seeds, n, noisy[n], generator)
-        u = _end_step(u, n, N, corrector, traj, progress)
+        u_eval = u
+        u = sde_step(u, history, coefs[n, : 3 + len(history)], seeds, n, noisy[n], loop.generator)
+        u = loop.end_step(u, n, u_eval, eps)
     return u
 
 
-def _run_heun(plan, pmap, net: _Network, u: Tensor, progress, traj: list | None, corrector=None) -> Tensor:
+def run_heun(loop: Loop, plan: HeunPlan, u: Tensor) -> Tensor:
     """Heun on du/dρ = J_n u + B_n ε̂: predictor u + Δρ k₁, corrector u + Δρ/2 (k₁ + k₂)."""
     J, Bm = plan.state.to(u.device), plan.eps.to(u.device)
     N = plan.drho.numel()
     drho = plan.drho.tolist()
-    t_eval = net.times(plan.times)
+    t_eval = loop.net.times(plan.times)
     for n in range(N):
-        k1 = apply_kk(J[n], u) + apply_kk(Bm[n], _to_eps(net(u, t_eval[n]), u, pmap, n))
+        eps = loop.eps(u, t_eval[n], n)
+        k1 = apply_kk(J[n], u) + apply_kk(Bm[n], eps)
         guess = u + drho[n] * k1
-        eps2 = _to_eps(net(guess, t_eval[n + 1]), guess, pmap, n + 1)
+        eps2 = loop.eps(guess, t_eval[n + 1], n + 1)
+        u_eval = u
         u = u + (0.5 * drho[n]) * (k1 + apply_kk(J[n + 1], guess) + apply_kk(Bm[n + 1], eps2))
-        u = _end_step(u, n, N, corrector, traj, progress)
+        u = loop.end_step(u, n, u_eval, eps)
     return u
 
 
-def _log_tau_flow(model, diffusion: LinearDiffusion, prediction: str, counter: list):
-    """du/dρ = (τ/β) h(u, t(ρ)) for ρ = log τ, h the probability-flow drift of fastmdm.likelihood."""
+def run_adaptive(loop: Loop, plan: AdaptivePlan, u: Tensor) -> Tensor:
+    """Dormand–Prince on the probability-flow ODE in ρ = log τ; each output-grid state is reported
+    after the solve, with the solve's NFE and no denoised estimate."""
+    counter = [0]
+    span = (float(plan.times[-1]), float(plan.times[0]))
+    rate = _log_tau_flow(loop.net.model, loop.diffusion, loop.net.prediction, counter, span)
+    states, _ = odeint_adaptive(rate, u, _rho(loop.diffusion, plan.times), rtol=plan.rtol, atol=plan.atol)
+    loop.net.nfe = counter[0]
+    for n, state in enumerate(states[1:]):
+        loop.end_step(state, n)
+    return states[-1]
+
+
+def _log_tau_flow(model, diffusion: LinearDiffusion, prediction: str, counter: list,
+                  span: tuple[float, float]):
+    """du/dρ = (τ/β) h(u, t(ρ)) for ρ = log τ, t ∈ span, h the probability-flow drift (fastmdm.likelihood)."""
     drift = probability_flow_drift(model, diffusion, prediction)
 
     def rate(rho: float, u: Tensor) -> Tensor:
         tau = torch.tensor([math.exp(rho)], dtype=torch.float64)
-        t = float(diffusion.tau_inverse(tau).clamp(diffusion.t_min, diffusion.T)[0])
+        t = float(diffusion.tau_inverse(tau).clamp(*span)[0])
         counter[0] += 1
         return drift(u, t) * (float(tau[0]) / float(diffusion.beta(torch.tensor(t))))
 
@@ -233,103 +332,90 @@ def _langevin_corrector(net: _Network, diffusion: LinearDiffusion, times: Tensor
     return correct
 
 
+register_solver(Solver("euler-maruyama", euler_maruyama_plan, run_linear, steps=500, grid="quadratic"))
+register_solver(Solver("ei-ode", ei_ode_plan, run_linear, options={"order": 3, "noise": "rotated"},
+                       check=check_ei_ode))
+register_solver(Solver("ancestral", ancestral_plan, run_linear, options={"eta": 1.0}, check=check_eta))
+register_solver(Solver("heun", heun_plan, run_heun, nfe_per_step=2))
+register_solver(Solver("rk45", adaptive_plan, run_adaptive, options={"rtol": 1e-4, "atol": 1e-4},
+                       check=check_tolerances, corrector=False))
+register_solver(Solver("sscs", sscs_plan, run_linear))
+
+
 @staged("sample")
-def sample(model, diffusion: LinearDiffusion, shape, steps: int | None = None, solver: str = "ei-ode",
-           prediction: str | None = None, generator: torch.Generator | None = None, progress=False,
-           return_trajectory: bool = False, *, grid: str | None = None, order: int = 3,
-           noise: str = "rotated", eta: float = 1.0, rtol: float = 1e-4, atol: float = 1e-4,
-           corrector: str | None = None, snr: float = 0.16, corrector_steps: int = 1,
-           denoise: bool = False, return_info: bool = False, device=None):
+def sample(model, diffusion: LinearDiffusion, shape=None, steps: int | None = None,
+           solver: str = DEFAULT_SOLVER, prediction: str | None = None,
+           generator: torch.Generator | None = None, progress: bool = False, *,
+           x_T: Tensor | None = None, grid: str | Tensor | None = None, t_min: float | None = None,
+           extra_args: dict | None = None, callback: Callable[[dict], None] | None = None,
+           corrector: str | None = None, snr: float = 0.16, corrector_steps: int = 1, denoise: bool = False,
+           device=None, **options) -> Tensor:
     """Draw samples of the data x from ``model`` under ``diffusion``; returns x (B, *data_shape).
 
-    model(u, t): u (B, K, *data_shape), t (B,) in the state's dtype; predicts ``prediction`` ("eps",
-    "score", "x0"; default: the adapter's, else "eps"). The state takes torch's default dtype.
+    model(u, t, **extra_args): u (B, K, *data_shape), t (B,) in the state's dtype; predicts
+    ``prediction`` ("eps", "score", "x0"; default: the adapter's, else "eps"). The state starts at
+    ``x_T`` (B, K, *data_shape) if given (then ``shape`` may be omitted), else at a prior draw in
+    torch's default dtype on ``device`` (default: the diffusion's). Runs under torch.no_grad.
 
-    Solvers (``SOLVERS``): "euler-maruyama" (the published reference: reverse SDE, quadratic grid,
-    500 steps, no noise on the last step); "ei-ode" (exponential integrator on the probability-flow
-    ODE, ``order`` 1–3 multistep, ``noise`` "rotated" — exact for a single-point data law — or
-    "cholesky"); "ancestral" (exact Gaussian posterior step, stochasticity ``eta`` ∈ [0, 1]; 1 = DDPM,
-    0 = DDIM); "heun" (2 NFE per step, probability-flow ODE in log τ); "rk45" (adaptive
-    Dormand–Prince with ``rtol``/``atol``; ``steps`` only sets the output grid); "sscs" (symmetric
-    splitting, Dockhorn et al.). ``corrector="langevin"`` adds ``corrector_steps`` preconditioned
-    Langevin steps with target ``snr`` after each predictor step. ``grid``: "quadratic", "uniform"
-    or "logsnr" (default "logsnr", "quadratic" for Euler–Maruyama). ``denoise``: a final Tweedie
-    step x̂₀ = E[x₀ | u_{t_min}] (one more network call).
+    ``solver``: a name of ``fastmdm.SOLVERS``, its ``**options`` checked by its registration
+    (docs/solvers.md): "euler-maruyama" (the published reference: reverse SDE, quadratic grid, 500
+    steps, no noise on the last step); "ei-ode" (default: exponential integrator on the
+    probability-flow ODE, ``order`` 1–3 multistep, ``noise`` "rotated" — exact for a single-point
+    data law — or "cholesky"); "ancestral" (exact Gaussian posterior step, ``eta`` ∈ [0, 1]; 1 =
+    DDPM, 0 = DDIM); "heun" (2 NFE per step, probability-flow ODE in log τ); "rk45" (adaptive
+    Dormand–Prince with ``rtol``/``atol``; ``steps`` only sets the reported grid); "sscs"
+    (symmetric splitting, Dockhorn et al.). ``corrector="langevin"`` adds ``corrector_steps``
+    preconditioned Langevin steps with target ``snr`` after each step.
 
-    Returns x; with ``return_trajectory`` also traj (steps + 1, B, K, *data_shape), traj[0] the prior
-    draw at T and traj[-1] the state at t_min before any denoising; with ``return_info`` also a dict
-    (nfe, times, solver). Runs under torch.no_grad on ``device`` (default: the diffusion's).
+    ``grid``: "quadratic", "uniform", "logsnr" (the solver's default) from T to ``t_min`` (default:
+    the diffusion's) in ``steps`` steps (the solver's default), or a 1-D tensor of times, strictly
+    decreasing in [t_min, T]. ``denoise``: a final Tweedie step x̂₀ = E[x₀ | u_{t_min}] (one more
+    network call). ``progress``: a tqdm bar. ``callback(info)`` is called at the start (i = 0) and
+    after every step with info = {"i", "t", "u" (the state at t), "denoised" (x̂₀ = E[x₀ | u] from
+    the step's first network call, at its evaluation time; None at i = 0 and for "rk45"), "nfe"};
+    the last call's "u" is the state at the grid's end, before any denoising.
 
-    CUDA graphs: for the fixed-grid solvers without corrector the loop makes no host synchronisation
-    and no shape changes; coefficients, times and per-step noise seeds are device tensors built before
-    it, so the loop body can be captured with torch.cuda.graphs once per (grid, batch) (register a
-    custom ``generator`` with the graph).
+    CUDA graphs: for the fixed-grid solvers without corrector or callback the loop makes no host
+    synchronisation and no shape changes; coefficients, times and per-step noise seeds are device
+    tensors built before it, so the loop body can be captured with torch.cuda.graphs once per (grid,
+    batch) (register a custom ``generator`` with the graph).
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    if corrector not in CORRECTORS:
-        raise ValueError(f"corrector must be one of {CORRECTORS}, got {corrector!r}")
-    if noise not in NOISES:
-        raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
-    if order not in (1, 2, 3):
-        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
-    if solver == "ancestral" and not (isinstance(eta, (int, float)) and 0 <= eta <= 1):
-        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
-    if not (isinstance(snr, (int, float)) and snr > 0):
-        raise ValueError(f"snr must be a positive number, got {snr!r}")
+    entry = get_solver(solver)
+    options = entry.resolve(options)
+    check_choice(corrector, CORRECTORS, "corrector")
+    if corrector is not None and not entry.corrector:
+        raise ValueError(f"solver {solver!r} takes no corrector, got corrector={corrector!r}")
+    check_number(snr, "snr", 0.0, low_open=True)
     check_int(corrector_steps, "corrector_steps")
+    if callback is not None:
+        check_callable(callback, "callback", "callback(info)")
     model, prediction = resolve_model(model, diffusion, prediction)
-    shape = _check_shape(shape)
-    steps = check_int(DEFAULT_STEPS.get(solver, 20) if steps is None else steps, "steps")
-    grid = DEFAULT_GRID.get(solver, "logsnr") if grid is None else grid
-    if grid not in GRIDS:
-        raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
-    device = torch.device(device) if device is not None else diffusion.stationary_var.device
-    times = time_grid(diffusion, steps, grid)
-    with torch.no_grad():
-        u = diffusion.prior_sample(shape, generator=generator, device=device)
+    model = _with_extra_args(model, extra_args)
+    shape, device = _check_start(diffusion, shape, x_T, device)
+    times = _times(diffusion, entry, steps, grid, _check_t_min(diffusion, t_min))
+    bar = tqdm(total=times.numel() - 1, desc=f"sampling ({solver})", disable=not progress)
+    with torch.no_grad(), bar:
+        u = x_T if x_T is not None else diffusion.prior_sample(shape, generator=generator, device=device)
         net = _Network(model, prediction, u)
-        traj = [u] if return_trajectory else None
-        if solver == "rk45":
-            counter = [0]
-            rate = _log_tau_flow(model, diffusion, prediction, counter)
-            states, _ = odeint_adaptive(rate, u, _rho(diffusion, times), rtol=rtol, atol=atol)
-            u, net.nfe = states[-1], counter[0]
-            if traj is not None:
-                traj = states
-        else:
-            options = (("order", order), ("noise", noise)) if solver == "ei-ode" else (
-                (("eta", float(eta)),) if solver == "ancestral" else ())
-            plan, pmap, grid_map = _plan(diffusion, solver, times, prediction, options)
-            correct = None if corrector is None else _langevin_corrector(
-                net, diffusion, times, grid_map, snr, corrector_steps, generator, u)
-            if solver == "heun":
-                u = _run_heun(plan, pmap, net, u, progress, traj, correct)
-            else:
-                u = _run_linear(plan, pmap, net, u, generator, progress, traj, correct)
-        x = u[:, 0]
-        if denoise:
-            x = _denoise(net, diffusion, times, prediction, u)
-    result = [x]
-    if return_trajectory:
-        result.append(torch.stack(traj))
-    if return_info:
-        result.append({"nfe": net.nfe, "times": times, "solver": solver})
-    return result[0] if len(result) == 1 else tuple(result)
+        plan, eval_map, grid_map = _plan(diffusion, entry, times, prediction, options)
+        correct = None if corrector is None else _langevin_corrector(
+            net, diffusion, times, grid_map, snr, corrector_steps, generator, u)
+        loop = Loop(net, diffusion, times, getattr(plan, "eval_times", None), eval_map, generator, correct,
+                    callback, bar)
+        loop.report(0, u)
+        u = entry.run(loop, plan, u)
+        x = _denoise(net, diffusion, times, prediction, u) if denoise else u[:, 0]
+    return x
 
 
 def _denoise(net: _Network, diffusion: LinearDiffusion, times: Tensor, prediction: str, u: Tensor) -> Tensor:
-    """x̂₀ = wᵀ(L⁻¹u − ε̂) at t_min (Tweedie, GLS projection onto the data direction)."""
-    t_min = times[-1:]
-    out = net(u, net.times(t_min)[0])
+    """x̂₀ = E[x₀ | u] at the grid's end from one more network call (the "x0" output itself)."""
+    t_end = times[-1:]
+    out = net(u, net.times(t_end)[0])
     if prediction == "x0":
         return out[:, 0]
-    pmap = prediction_map(diffusion, t_min, prediction)
-    eps = _to_eps(out, u, pmap, 0)
-    L_inv = diffusion.transition_f64(t_min, "hybrid").chol_inv_t[0].T
-    w = tweedie_weights(diffusion, t_min).to(u.device)
-    white = apply_kk(L_inv.to(u.device), u) - eps
-    return torch.einsum("k,bk...->b...", w.to(u.dtype), white)
+    eps = _to_eps(out, u, _eps_map(diffusion, t_end, prediction), 0)
+    return _Denoiser(diffusion, t_end, u)(0, u, eps)
 
 
 def encode(model, diffusion: LinearDiffusion, x: Tensor, prediction: str | None = None, *,
@@ -374,11 +460,11 @@ def decode(model, diffusion: LinearDiffusion, z: Tensor, prediction: str | None 
 def _pf_solve(model, diffusion, prediction, u0, forward: bool, rtol, atol, return_info):
     diffusion.check_state(u0, "u")
     counter = [0]
-    rate = _log_tau_flow(model, diffusion, prediction, counter)
+    rate = _log_tau_flow(model, diffusion, prediction, counter, (diffusion.t_min, diffusion.T))
     ends = _rho(diffusion, [diffusion.t_min, diffusion.T])
     with torch.no_grad():
         states, _ = odeint_adaptive(rate, u0, ends if forward else ends[::-1], rtol=rtol, atol=atol)
     return (states[-1], {"nfe": counter[0]}) if return_info else states[-1]
 
 
-__all__ = ["SOLVERS", "decode", "encode", "sample"]
+__all__ = ["SOLVERS", "Loop", "decode", "encode", "run_adaptive", "run_heun", "run_linear", "sample"]

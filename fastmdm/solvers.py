@@ -1,4 +1,7 @@
-"""Per-step K×K coefficients of the samplers (mdm-math.md §6–7), computed once per time grid in float64.
+"""The solver registry and the per-step K×K coefficients of the samplers (mdm-math.md §6–7).
+
+Each solver is one :class:`Solver` registration (plan builder, loop, defaults, options); the
+coefficients are computed once per time grid in float64.
 
 Every fixed-grid solver here is a linear recursion in the state u, the noise predictions ε̂ (the
 network's output in the Cholesky noise of the hybrid-start kernel, s = −L_t⁻ᵀ ε̂) and fresh Gaussian
@@ -17,15 +20,19 @@ K_n = L_n R_n the noise frame of :mod:`fastmdm.noise_frame`.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .diffusion import LinearDiffusion
+from .grids import GRIDS
 from .noise_frame import rotation
 from .transition import expm_and_gramian, expm_taylor
+from .validation import check_callable, check_choice, check_instance, check_int, check_number
 
 QUADRATURE_NODES = 16  # Gauss–Legendre nodes per step for the exponential-integrator integrals
 NOISES = ("rotated", "cholesky")
@@ -106,10 +113,6 @@ def ei_ode_plan(diffusion: LinearDiffusion, times: Tensor, order: int = 2,
     "cholesky": ε̂ itself is interpolated and ∫ Φ(s, r) D L_r⁻ᵀ τ_r p(ρ) dρ is integrated directly.
     The remaining integrals use Gauss–Legendre in ρ = log τ; warm start with lower orders.
     """
-    if order not in (1, 2, 3):
-        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
-    if noise not in NOISES:
-        raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
     times = times.to(torch.float64)
     N, K = times.numel() - 1, diffusion.K
     tau = diffusion.tau(times)
@@ -177,8 +180,6 @@ def ancestral_plan(diffusion: LinearDiffusion, times: Tensor, eta: float = 1.0) 
     keeps every marginal for each η: η = 1 is the posterior (DDPM), η = 0 the order-1
     exponential integrator (DDIM). Last step included (the chain ends at t_min).
     """
-    if not (isinstance(eta, (int, float)) and 0.0 <= eta <= 1.0):
-        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
     times = times.to(torch.float64)
     K = diffusion.K
     tau = diffusion.tau(times)
@@ -246,6 +247,11 @@ class HeunPlan(NamedTuple):
     drho: Tensor  # (N,) ρ_{n+1} − ρ_n
     times: Tensor
 
+    @property
+    def eval_times(self) -> Tensor:
+        """Where the network is called: the grid (the step's second call is the next step's first time)."""
+        return self.times
+
 
 def heun_plan(diffusion: LinearDiffusion, times: Tensor) -> HeunPlan:
     """Drift coefficients for Heun's method on the probability-flow ODE in ρ = log τ."""
@@ -257,39 +263,122 @@ def heun_plan(diffusion: LinearDiffusion, times: Tensor) -> HeunPlan:
     return HeunPlan(tau * A, tau * D @ chol_inv_t, rho[1:] - rho[:-1], times)
 
 
-class PredictionMap(NamedTuple):
-    """ε̂ = out_mat·y + state_mat·u for a network output y: the Cholesky noise from any prediction.
+class AdaptivePlan(NamedTuple):
+    """The adaptive solver has no fixed coefficients: its output grid and tolerances."""
 
-    "eps": identity; "score": ε̂ = −Lᵀ s; "x0": ε̂ = L⁻¹(u − a x̂₀) (only column 0 of out_mat is
-    nonzero, acting on x̂₀). Each (N, K, K) float64, state_mat None unless "x0".
+    times: Tensor
+    rtol: float
+    atol: float
+
+
+def adaptive_plan(diffusion: LinearDiffusion, times: Tensor, rtol: float, atol: float) -> AdaptivePlan:
+    """Dormand–Prince 5(4) on the probability-flow ODE in ρ = log τ, reporting at ``times``."""
+    return AdaptivePlan(times.to(torch.float64), float(rtol), float(atol))
+
+
+# -- option checks of the built-in solvers (run once per call, through the registry) ---------------
+def check_ei_ode(options: dict) -> None:
+    """order ∈ {1, 2, 3}, noise ∈ NOISES."""
+    check_choice(check_int(options["order"], "order"), (1, 2, 3), "order")
+    check_choice(options["noise"], NOISES, "noise")
+
+
+def check_eta(options: dict) -> None:
+    """eta a number in [0, 1]."""
+    check_number(options["eta"], "eta", 0.0, 1.0)
+
+
+def check_tolerances(options: dict) -> None:
+    """rtol and atol finite numbers > 0."""
+    for name in ("rtol", "atol"):
+        check_number(options[name], name, 0.0, low_open=True)
+
+
+# -- the registry ---------------------------------------------------------------------------------
+DEFAULT_SOLVER = "ei-ode"
+
+
+@dataclass(frozen=True, eq=False)
+class Solver:
+    """One sampler, everything ``fastmdm.sample`` needs to know about it (see docs/solvers.md).
+
+    plan(diffusion, times, **options): its float64 coefficients for a grid, built once and cached;
+    run(loop, plan, u) -> u: its loop (``fastmdm.sampling.run_linear`` serves every plan of the form
+    u ← Φ (u + Λ ε̂) + Σ_j Γ_j ε̂ + C ξ); steps, grid: defaults of ``sample``; nfe_per_step: network
+    calls per step; options: the keyword options it accepts, with defaults; check(options): raises
+    ValueError naming a bad option; corrector: whether a Langevin corrector may follow its steps.
     """
 
-    out_mat: Tensor | None
-    state_mat: Tensor | None
+    name: str
+    plan: Callable[..., Any]
+    run: Callable[..., Tensor]
+    steps: int = 20
+    grid: str = "logsnr"
+    nfe_per_step: int = 1
+    options: Mapping[str, Any] = field(default_factory=dict)
+    check: Callable[[dict], None] | None = None
+    corrector: bool = True
+
+    def resolve(self, given: dict) -> dict:
+        """This call's options: the defaults updated by ``given``, checked."""
+        unknown = sorted(set(given) - set(self.options))
+        if unknown:
+            accepted = ", ".join(self.options) or "none"
+            raise TypeError(f"solver {self.name!r} got unknown option(s) {unknown} (it accepts: {accepted})")
+        options = {**self.options, **given}
+        if self.check is not None:
+            self.check(options)
+        return options
 
 
-def prediction_map(diffusion: LinearDiffusion, times: Tensor, prediction: str) -> PredictionMap:
-    """Per-time matrices turning the network's ``prediction`` into ε̂ (hybrid-start kernel at ``times``)."""
-    if prediction == "eps":
-        return PredictionMap(None, None)
-    tk = transition_at(diffusion, times)
-    if prediction == "score":
-        return PredictionMap(-tk.chol.mT, None)
-    L_inv = tk.chol_inv_t.mT
-    out_mat = torch.zeros_like(L_inv)
-    out_mat[..., 0] = -(L_inv @ tk.mean_coef[..., :1])[..., 0]
-    return PredictionMap(out_mat, L_inv)
+_REGISTRY: dict[str, Solver] = {}
 
 
-def tweedie_weights(diffusion: LinearDiffusion, t: Tensor) -> Tensor:
-    """w (K,) with E[x₀ | u] = wᵀ (L⁻¹ u − ε̂): GLS projection of a x̂₀ = u + Σ s, b = L⁻¹a, w = b/‖b‖²."""
-    tk = transition_at(diffusion, t.reshape(1))
-    b = (tk.chol_inv_t.mT @ tk.mean_coef[..., :1])[0, :, 0]
-    return b / (b @ b)
+class SolverNames(Sequence):
+    """The registered solver names in registration order: a live, read-only tuple-like view."""
+
+    def __getitem__(self, index):
+        return tuple(_REGISTRY)[index]
+
+    def __len__(self) -> int:
+        return len(_REGISTRY)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and tuple(self) == tuple(other)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return repr(tuple(_REGISTRY))
+
+
+SOLVERS = SolverNames()
+
+
+def register_solver(solver: Solver, replace: bool = False) -> Solver:
+    """Make ``solver`` available to ``fastmdm.sample(..., solver=solver.name)``; returns it."""
+    check_instance(solver, Solver, "solver")
+    if not (isinstance(solver.name, str) and solver.name):
+        raise ValueError(f"solver name must be a non-empty string, got {solver.name!r}")
+    if solver.name in _REGISTRY and not replace:
+        raise ValueError(f"a solver named {solver.name!r} is already registered (pass replace=True)")
+    check_callable(solver.plan, "plan", "plan(diffusion, times, **options)")
+    check_callable(solver.run, "run", "run(loop, plan, u)")
+    check_int(solver.steps, "steps")
+    check_int(solver.nfe_per_step, "nfe_per_step")
+    check_choice(solver.grid, GRIDS, "grid")
+    _REGISTRY[solver.name] = solver
+    return solver
+
+
+def get_solver(name: str) -> Solver:
+    """The registered solver called ``name``."""
+    return _REGISTRY[check_choice(name, SOLVERS, "solver")]
 
 
 __all__ = [
-    "HeunPlan", "LinearPlan", "NOISES", "PredictionMap", "ancestral_plan", "ei_ode_plan",
-    "euler_maruyama_plan", "flow", "heun_plan", "prediction_map", "psd_sqrt", "sscs_plan", "transition_at",
-    "tweedie_weights",
+    "DEFAULT_SOLVER", "SOLVERS", "AdaptivePlan", "HeunPlan", "LinearPlan", "NOISES", "Solver", "SolverNames",
+    "adaptive_plan", "ancestral_plan", "check_ei_ode", "check_eta", "check_tolerances", "ei_ode_plan",
+    "euler_maruyama_plan", "flow", "get_solver", "heun_plan", "psd_sqrt", "register_solver", "sscs_plan",
+    "transition_at",
 ]
