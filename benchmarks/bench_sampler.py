@@ -21,6 +21,7 @@ import torch
 import fastmdm as fm
 from fastmdm import reference
 from fastmdm.sampling import _plans, sample
+from fastmdm.solvers import get_solver
 
 SOLVERS = [("euler-maruyama", {}), ("ei-ode", dict(order=1)), ("ei-ode", dict(order=3)),
            ("ancestral", {}), ("sscs", {}), ("heun", {})]
@@ -64,7 +65,7 @@ def main() -> None:
         print(f"\n{name} (K={K}): network {network * 1e3:.3f} ms/step; reference Euler-Maruyama "
               f"{ref_overhead * 1e3:.3f} ms/step overhead")
         for solver, opts in SOLVERS:
-            nfe_per_step = 2 if solver == "heun" else 1
+            nfe_per_step = get_solver(solver).nfe_per_step
             _plans.clear()
             start = time.perf_counter()
             sample(trivial, diff, (B, d), steps=N, solver=solver, **opts)

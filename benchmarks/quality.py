@@ -117,8 +117,9 @@ def run(out: Path) -> None:
                         opts.update(rtol=v, atol=v)
                     else:
                         opts["steps"] = v // 2 if opts["solver"] == "heun" else v
-                    x, info = sample(model, diff, (SAMPLES, d), generator=torch.Generator().manual_seed(0),
-                                     return_info=True, **opts)
+                    info = {}
+                    x = sample(model, diff, (SAMPLES, d), generator=torch.Generator().manual_seed(0),
+                               callback=info.update, **opts)
                     w2, tv = law.metrics(x) if torch.isfinite(x).all() else (float("inf"), 1.0)
                     points.append((info["nfe"], w2, tv))
                     rows.append((name, d, label, info["nfe"], w2, tv, w2 / floor_w2, tv / floor_tv))

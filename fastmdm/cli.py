@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import BUILTIN, load_dataset
+from .solvers import DEFAULT_SOLVER, get_solver
 from .training import (
     DIFFUSIONS,
     MDM,
@@ -199,12 +200,9 @@ def cmd_train(args) -> int:
     return 0
 
 
-NFE_PER_STEP = {"heun": 2}  # network evaluations per step where it is not one
-
-
 def _sampling_steps(solver: str | None, nfe: int) -> int:
     """Steps that spend at most ``nfe`` network evaluations (rk45 is adaptive: nfe sets its output grid)."""
-    return max(1, nfe // NFE_PER_STEP.get(solver, 1))
+    return max(1, nfe // get_solver(solver or DEFAULT_SOLVER).nfe_per_step)
 
 
 def cmd_sample(args) -> int:

@@ -8,9 +8,12 @@ import torch
 from sampler_helpers import dirac_eps_model
 
 import fastmdm as fm
+from fastmdm import solvers
+from fastmdm.grids import time_grid
 from fastmdm.mixtures import GaussianMixture, exact_score_model
 from fastmdm.noise_frame import noise_frame, rotation
-from fastmdm.sampling import SOLVERS, decode, encode, sample
+from fastmdm.sampling import SOLVERS, decode, encode, run_linear, sample
+from fastmdm.solvers import LinearPlan, Solver, get_solver, register_solver, transition_at
 
 F64 = torch.float64
 
@@ -20,6 +23,19 @@ pytestmark = pytest.mark.usefixtures("float64_default")
 
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
+
+
+class Recorder:
+    """A callback that keeps every info dict."""
+
+    def __init__(self):
+        self.infos = []
+
+    def __call__(self, info):
+        self.infos.append(dict(info))
+
+    def states(self):
+        return torch.stack([info["u"] for info in self.infos])
 
 
 # -- the noise frame ------------------------------------------------------------------------------
@@ -56,8 +72,9 @@ def test_ei_order1_exact_for_single_point(name):
     tk_T, tk_min = diff.transition_f64(ends[:1]), diff.transition_f64(ends[1:])
     K_T, K_min = noise_frame(diff, diff.tau(ends))
     for steps in range(1, 6):
-        x, traj = sample(model, diff, (3, 4), steps=steps, solver="ei-ode", order=1, generator=gen(steps),
-                         return_trajectory=True)
+        rec = Recorder()
+        x = sample(model, diff, (3, 4), steps=steps, solver="ei-ode", order=1, generator=gen(steps), callback=rec)
+        traj = rec.states()
         eps_K = torch.linalg.solve(K_T, traj[0] - tk_T.mean_coef[0, :, :1] * point)
         exact = tk_min.mean_coef[0, :, :1] * point + K_min @ eps_K
         err = (traj[-1] - exact).abs().max() / tk_min.chol.abs().max()
@@ -145,7 +162,7 @@ def test_convergence_cld_order1():
     assert 0.7 < math.log2(errs[0] / errs[1]) < 1.5, errs
 
 
-# -- predictions, trajectory, info, dtype, determinism --------------------------------------------
+# -- predictions, callback, dtype, determinism ----------------------------------------------------
 def test_predictions_agree():
     diff = fm.cld()
     out = [sample(exact_score_model(MIX, diff, p), diff, (8, 2), steps=8, solver=s, prediction=p, generator=gen())
@@ -154,22 +171,100 @@ def test_predictions_agree():
         assert (x - out[0 if x is out[2] or x is out[4] else 1]).abs().max() < 1e-8
 
 
-def test_trajectory_info_and_denoise():
+def test_callback_and_denoise():
     diff = fm.malda(3)
     model = exact_score_model(MIX, diff)
-    x, traj, info = sample(model, diff, (5, 2), steps=6, solver="ancestral", generator=gen(),
-                           return_trajectory=True, return_info=True)
-    assert traj.shape == (7, 5, 3, 2) and info["nfe"] == 6
+    rec = Recorder()
+    x = sample(model, diff, (5, 2), steps=6, solver="ancestral", generator=gen(), callback=rec)
+    traj = rec.states()
+    assert traj.shape == (7, 5, 3, 2) and rec.infos[-1]["nfe"] == 6
+    assert [info["i"] for info in rec.infos] == list(range(7))
+    assert [info["nfe"] for info in rec.infos] == list(range(7))
+    assert [info["t"] for info in rec.infos] == time_grid(diff, 6, "logsnr").tolist()
     assert torch.equal(traj[0], diff.prior_sample((5, 2), generator=gen()))
     assert torch.equal(traj[-1][:, 0], x)
-    xd, info = sample(model, diff, (5, 2), steps=6, solver="ancestral", generator=gen(), denoise=True,
-                      return_info=True)
-    assert info["nfe"] == 7
+    assert rec.infos[0]["denoised"] is None
+    for info, before in zip(rec.infos[1:], rec.infos, strict=False):  # x̂₀ from the step's network call
+        exact = MIX.posterior_mean(diff, before["u"], before["t"])
+        assert info["denoised"].shape == (5, 2) and (info["denoised"] - exact).abs().max() < 1e-8
+    rec = Recorder()
+    xd = sample(model, diff, (5, 2), steps=6, solver="ancestral", generator=gen(), denoise=True, callback=rec)
+    assert rec.infos[-1]["nfe"] == 6  # the final Tweedie step comes after the last report
     exact = MIX.posterior_mean(diff, traj[-1], diff.t_min)
     assert (xd - exact).abs().max() < 1e-8
-    _, info = sample(model, diff, (5, 2), steps=6, solver="sscs", corrector="langevin", corrector_steps=2,
-                     generator=gen(), return_info=True)
-    assert info["nfe"] == 18
+    rec = Recorder()
+    sample(model, diff, (5, 2), steps=6, solver="sscs", corrector="langevin", corrector_steps=2,
+           generator=gen(), callback=rec)
+    assert rec.infos[-1]["nfe"] == 18
+    rec = Recorder()
+    x = sample(model, diff, (5, 2), steps=4, solver="heun", generator=gen(), callback=rec, progress=True)
+    assert [info["nfe"] for info in rec.infos] == [0, 2, 4, 6, 8] and torch.equal(rec.infos[-1]["u"][:, 0], x)
+    rec = Recorder()
+    x = sample(model, diff, (5, 2), steps=3, solver="rk45", generator=gen(), callback=rec)
+    assert len(rec.infos) == 4 and rec.infos[-1]["denoised"] is None and torch.equal(rec.infos[-1]["u"][:, 0], x)
+
+
+def test_initial_state_grid_tensor_t_min_and_extra_args():
+    diff = fm.cld()
+    model = exact_score_model(MIX, diff)
+    for solver in ("ei-ode", "euler-maruyama", "heun"):
+        a = sample(model, diff, (6, 2), steps=5, solver=solver, generator=gen(3))
+        g = gen(3)
+        u_T = diff.prior_sample((6, 2), generator=g)
+        b = sample(model, diff, steps=5, solver=solver, x_T=u_T, generator=g)  # same u_T, then the same noise
+        c = sample(model, diff, (6, 2), solver=solver, grid=time_grid(diff, 5, get_solver(solver).grid),
+                   generator=gen(3))
+        assert torch.equal(a, b) and torch.equal(a, c), solver
+    # a per-call t_min is the diffusion with that t_min
+    other = fm.cld(t_min=1e-2)
+    a = sample(model, diff, (6, 2), steps=5, t_min=1e-2, generator=gen())
+    b = sample(exact_score_model(MIX, other), other, (6, 2), steps=5, generator=gen())
+    assert torch.equal(a, b)
+    rec = Recorder()
+    sample(model, diff, (6, 2), steps=5, solver="rk45", t_min=1e-2, generator=gen(), callback=rec)
+    assert rec.infos[-1]["t"] == 1e-2
+    # extra_args reach every call
+    seen = []
+
+    def conditioned(u, t, scale):
+        seen.append(scale)
+        return model(u, t) * scale
+
+    a = sample(conditioned, diff, (6, 2), steps=4, extra_args={"scale": 1.0}, generator=gen())
+    assert seen == [1.0] * 4 and torch.equal(a, sample(model, diff, (6, 2), steps=4, generator=gen()))
+
+
+def probability_flow_euler_plan(diffusion, times):
+    """Euler on the probability-flow ODE du/dt = β(A u + D L⁻ᵀ ε̂), backwards: Φ = I − hβA, Γ = −hβ D L⁻ᵀ."""
+    h = (times[:-1] - times[1:])[:, None, None]
+    beta = diffusion.beta(times[:-1])[:, None, None]
+    phi = torch.eye(diffusion.K, dtype=F64) - h * beta * diffusion.A
+    gamma = -h * beta * diffusion.D @ transition_at(diffusion, times[:-1]).chol_inv_t
+    return LinearPlan(phi, None, gamma.unsqueeze(1), None, times[:-1].clone())
+
+
+def test_registry_custom_solver(monkeypatch):
+    """One plan function plus one registration (the example of docs/solvers.md), against the same Euler
+    step written out as a loop."""
+    monkeypatch.setattr(solvers, "_REGISTRY", dict(solvers._REGISTRY))
+    register_solver(Solver("pf-euler", probability_flow_euler_plan, run_linear, steps=7, grid="uniform"))
+    assert "pf-euler" in SOLVERS and fm.SOLVERS[-1] == "pf-euler"
+    diff = fm.cld()
+    model = exact_score_model(MIX, diff)
+    x = sample(model, diff, (4, 2), solver="pf-euler", generator=gen())
+    times = time_grid(diff, 7, "uniform")
+    u = diff.prior_sample((4, 2), generator=gen())
+    for t, s in zip(times[:-1], times[1:], strict=True):
+        L_inv_t = diff.transition_f64(t.view(1)).chol_inv_t[0]
+        drift = diff.A @ u + diff.D @ L_inv_t @ model(u, t.expand(4))
+        u = u - (t - s) * diff.beta(t) * drift
+    assert (x - u[:, 0]).abs().max() < 1e-12
+    with pytest.raises(ValueError, match="already registered"):
+        register_solver(Solver("pf-euler", probability_flow_euler_plan, run_linear))
+    with pytest.raises(TypeError, match="unknown option"):
+        sample(model, diff, (4, 2), solver="pf-euler", order=2)
+    with pytest.raises(ValueError, match="grid"):
+        register_solver(Solver("bad", probability_flow_euler_plan, run_linear, grid="cosine"))
 
 
 def test_determinism_and_float32():
@@ -203,13 +298,22 @@ def test_encode_decode_round_trip():
 def test_bad_inputs():
     diff = fm.cld()
     model = exact_score_model(MIX, diff)
-    assert set(SOLVERS) == {"euler-maruyama", "ei-ode", "ancestral", "heun", "rk45", "sscs"}
+    assert SOLVERS == ("euler-maruyama", "ei-ode", "ancestral", "heun", "rk45", "sscs")
     cases = [
         (dict(shape=(4,)), ValueError, "shape"), (dict(steps=0), ValueError, "steps"),
         (dict(steps=2.5), ValueError, "steps"), (dict(solver="ddim"), ValueError, "solver"),
         (dict(prediction="v"), ValueError, "prediction"), (dict(order=4), ValueError, "order"),
         (dict(grid="cosine"), ValueError, "grid"), (dict(noise="qr"), ValueError, "noise"),
         (dict(solver="ancestral", eta=2.0), ValueError, "eta"), (dict(corrector="ald"), ValueError, "corrector"),
+        (dict(solver="rk45", corrector="langevin"), ValueError, "corrector"), (dict(rtol=1e-3), TypeError, "rtol"),
+        (dict(solver="rk45", rtol=0.0), ValueError, "rtol"), (dict(t_min=2.0), ValueError, "t_min"),
+        (dict(grid=torch.tensor([1.0, 0.5, 0.7])), ValueError, "decreasing"),
+        (dict(grid=torch.tensor([1.0, 0.5, 1e-4])), ValueError, "grid"),
+        (dict(grid=torch.tensor([1.0, 0.5, 0.1]), steps=3), ValueError, "steps"),
+        (dict(grid=torch.ones(2, 2)), ValueError, "grid"), (dict(extra_args=[1]), TypeError, "extra_args"),
+        (dict(callback=3), TypeError, "callback"), (dict(shape=None), ValueError, "shape"),
+        (dict(x_T=torch.zeros(4, 3, 2)), ValueError, "x_T"), (dict(x_T=torch.zeros(5, 2, 2)), ValueError, "x_T"),
+        (dict(x_T=torch.full((4, 2, 2), math.nan)), ValueError, "x_T"),
     ]
     for kwargs, err, word in cases:
         args = dict(shape=(4, 2), steps=3)
