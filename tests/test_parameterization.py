@@ -5,7 +5,6 @@ import torch
 
 import fastmdm as fm
 from fastmdm.parameterization import PREDICTIONS, AffineMap, denoised_weights, get_parameterization
-from fastmdm.solvers import prediction_map, transition_at, tweedie_weights
 
 F64 = torch.float64
 
@@ -57,32 +56,6 @@ def test_x0_output_may_be_data_shaped_or_state_shaped():
         param.output(x0.numpy(), u)
     with pytest.raises(ValueError, match="prediction must be one of"):
         get_parameterization("v")
-
-
-@pytest.mark.parametrize("prediction", ["eps", "score", "x0"])
-def test_eps_map_matches_the_samplers_prediction_map(prediction):
-    """eps_map gives exactly solvers.prediction_map's ε̂ = out_mat·y + state_mat·u on a time grid."""
-    diffusion = fm.alda()
-    times = torch.linspace(diffusion.T, diffusion.t_min, 7, dtype=F64)
-    old = prediction_map(diffusion, times, prediction)
-    new = get_parameterization(prediction).eps_map(transition_at(diffusion, times))
-    for old_mat, new_mat in zip(old, new, strict=True):
-        assert (old_mat is None) == (new_mat is None)
-    if new.out is not None:
-        K_y = new.out.shape[-1]
-        assert torch.equal(old.out_mat[..., :K_y], new.out)
-        assert not old.out_mat[..., K_y:].any()  # the rest of the state-shaped x0 output is unused
-    if new.state is not None:
-        assert torch.equal(old.state_mat, new.state)
-
-
-@pytest.mark.parametrize("make", [fm.vpsde, fm.cld, fm.malda])
-def test_denoised_weights_match_tweedie_weights(make):
-    diffusion = make()
-    times = torch.linspace(diffusion.T, diffusion.t_min, 5, dtype=F64)
-    w = denoised_weights(transition_at(diffusion, times))
-    for n, t in enumerate(times):
-        torch.testing.assert_close(w[n], tweedie_weights(diffusion, t), rtol=1e-15, atol=0)
 
 
 def test_affine_map_identity_and_zero():
