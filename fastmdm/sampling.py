@@ -1,4 +1,4 @@
-"""Samplers for any linear MDM: ``sample``, ``encode``, ``decode`` (mdm-math.md §6–7).
+"""Samplers for any linear MDM: ``sample``, ``encode``, ``decode`` (docs/math.md §6–7).
 
 ``sample(model, diffusion, shape, …)`` draws u_T ~ N(0, Σ∞) (or starts from ``x_T``) and integrates
 the reverse SDE or the probability-flow ODE down to t_min with a solver of the registry

@@ -1,4 +1,4 @@
-"""The solver registry and the per-step K×K coefficients of the samplers (mdm-math.md §6–7).
+"""The solver registry and the per-step K×K coefficients of the samplers (docs/math.md §6–7).
 
 Each solver is one :class:`Solver` registration (plan builder, loop, defaults, options); the
 coefficients are computed once per time grid in float64.

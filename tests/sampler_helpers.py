@@ -1,4 +1,4 @@
-"""The exact single-point model of the sampler tests (mdm-math.md §8): ε̂ by a triangular solve,
+"""The exact single-point model of the sampler tests (docs/math.md §8): ε̂ by a triangular solve,
 no Σ⁻¹, so the Dirac test can see rounding-level errors."""
 
 import torch

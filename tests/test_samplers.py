@@ -1,5 +1,5 @@
 """Samplers (fastmdm.sampling / solvers / noise_frame) against exact scores of Gaussian, single-point and
-Gaussian-mixture data laws (mdm-math.md §6–8)."""
+Gaussian-mixture data laws (docs/math.md §6–8)."""
 
 import math
 
