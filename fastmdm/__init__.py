@@ -1,6 +1,6 @@
 """fastmdm: fast multivariate diffusion models (Singhal, Goldstein, Ranganath, ICLR 2023)."""
 
-from . import adapters
+from . import _kernels_path, adapters  # noqa: F401  (_kernels_path first: fastmdm.kernels in a source tree)
 from .backend import get_backend, set_backend
 from .bpd import bits_per_dim, dequantize, logit_transform
 from .data import DataTransform, load_dataset

@@ -27,6 +27,7 @@ from .ode import odeint_adaptive
 from .ops import apply_kk
 from .profiling import staged
 from .scores import check_output, check_prediction
+from .sde_step import sde_step
 from .solvers import (
     NOISES,
     ancestral_plan,
@@ -153,8 +154,6 @@ def _end_step(u: Tensor, n: int, N: int, corrector, traj: list | None, progress)
 def _run_linear(plan, pmap, net: _Network, u: Tensor, generator, progress, traj: list | None,
                 corrector=None) -> Tensor:
     """The loop u ← Φ (u + Λ ε̂_n) + Σ_j Γ_j ε̂_{n−j} + C ξ of the fixed-grid solvers (a fused step)."""
-    from .kernels.sde_step import sde_step
-
     N, H, K = plan.gamma.shape[0], plan.gamma.shape[1], plan.phi.shape[-1]
     zeros = torch.zeros(N, K, K, dtype=torch.float64)
     noise = plan.noise if plan.noise is not None else zeros
