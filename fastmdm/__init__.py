@@ -6,6 +6,7 @@ from .bpd import bits_per_dim, dequantize, logit_transform
 from .data import DataTransform, load_dataset
 from .diffusion import LinearDiffusion, alda, cld, learned, malda, vpsde
 from .divergence import exact_divergence, hutchinson_divergence
+from .dsm import NoiseSeed
 from .likelihood import ode_bits_per_dim, ode_log_likelihood, probability_flow_drift
 from .mixtures import GaussianMixture
 from .models import MLPScore, UNetScore
@@ -23,6 +24,7 @@ __all__ = [
     "GaussianMixture",
     "LinearDiffusion",
     "MLPScore",
+    "NoiseSeed",
     "Trainer",
     "TransitionKernel",
     "UNetScore",
