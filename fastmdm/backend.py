@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from .kernels._common import MAX_K, MAX_STEP_INPUTS
+from .kernels.common import MAX_K, MAX_STEP_INPUTS
 
 BACKENDS = ("auto", "torch", "triton")
 KERNEL_LIMITS = {  # fastmdm.kernels op -> the largest sizes it takes, in dispatch's order

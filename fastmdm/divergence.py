@@ -29,11 +29,10 @@ from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
 from .backend import dispatch
+from .kernels.common import DISTRIBUTIONS, SEED_BOUND
 from .ops import draw_seed
 
-DISTRIBUTIONS = ("rademacher", "gaussian")
 MODES = ("jvp", "vjp")
-SEED_BOUND = 2**31
 _PROBE_STREAM = 1_000_003  # torch path: probe p of seed s uses Generator.manual_seed(s·_PROBE_STREAM + p)
 
 

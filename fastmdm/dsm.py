@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from .backend import dispatch
-from .kernels._common import NoiseSeed, acc_dtype
+from .kernels.common import NoiseSeed, acc_dtype
 from .ops import apply_kk, sum_data
 
 __all__ = ["NoiseSeed", "weighted_dsm"]

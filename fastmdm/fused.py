@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .kernels._common import NoiseSeed, TransitionSeries
+from .kernels.common import NoiseSeed, TransitionSeries
 from .ops import draw_seed
 from .transition import LYAPUNOV_TERMS, TAYLOR_TERMS, TransitionKernel, spectral_norm, transition_kernel
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import importlib
 
 _MODULES = {
-    "MAX_K": "_common",
-    "NoiseSeed": "_common",
-    "TransitionSeries": "_common",
+    "MAX_K": "common",
+    "NoiseSeed": "common",
+    "TransitionSeries": "common",
     "generate_probes": "hutchinson",
     "perturb": "perturbation",
     "probe_quadratic_forms": "hutchinson",

@@ -1,7 +1,7 @@
 """Fused weighted DSM loss (docs/math.md §4): ½ Σ_j δ[:, j]ᵀ W δ[:, j], δ = ε̂ − ε, per sample.
 
 ε is regenerated in-kernel from the perturbation's :class:`NoiseSeed` (the grouped noise
-layout of :mod:`fastmdm.kernels._common`), or read if given as a tensor, so a training step
+layout of :mod:`fastmdm.kernels.common`), or read if given as a tensor, so a training step
 never stores it. Forward: per-block partial sums of δᵀWδ.
 Backward: ∂/∂ε̂ = ḡ_b · ½(W + Wᵀ) δ in one pass, and ∂/∂W = ḡ_b · ½ Σ_j δ δᵀ (partial sums)
 when W requires grad (learned diffusions). Arithmetic in float32 (float64 for float64 ε̂).
@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import MAX_K, NoiseSeed, acc_dtype, block_size, launch_on, strides3
+from .common import MAX_K, NoiseSeed, acc_dtype, block_size, launch_on, strides3
 from .perturbation import noise_block
 
 

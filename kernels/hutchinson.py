@@ -1,7 +1,7 @@
 """Hutchinson probes from a seed and the fused per-sample probe reduction (docs/math.md §5).
 
 A probe set is P tensors v_p of shape (B, K_v, d), laid out as one contiguous (P, B, K_v, d)
-tensor in the flat noise layout of :mod:`fastmdm.kernels._common` (Gaussian or Rademacher,
+tensor in the flat noise layout of :mod:`fastmdm.kernels.common` (Gaussian or Rademacher,
 cast to the probe dtype), so it does not depend on the launch grid and can be regenerated.
 
 * :func:`generate_probes` writes the probes (for the network's JVP/VJP call);
@@ -25,10 +25,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import MAX_K, SEED_BOUND, block_size, check_seed, launch_on
-from ._philox import flat_values
-
-DISTRIBUTIONS = ("rademacher", "gaussian")
+from .common import DISTRIBUTIONS, MAX_K, SEED_BOUND, block_size, check_seed, launch_on
+from .philox import flat_values
 
 
 @triton.jit

@@ -1,6 +1,6 @@
 """The perturbation u_t = M_t m₀ + L_t ε (docs/math.md §2) in one pass over the data.
 
-ε is drawn in-kernel in the grouped noise layout of :mod:`fastmdm.kernels._common`, so it can
+ε is drawn in-kernel in the grouped noise layout of :mod:`fastmdm.kernels.common`, so it can
 be regenerated instead of stored — by the backward here and by the fused DSM loss
 (:mod:`fastmdm.kernels.dsm_loss`). A given ε (a tensor) is read instead when supplied.
 
@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import DATA_DTYPES, MAX_K, NoiseSeed, acc_dtype, block_size, check_seed, launch_on, strides3
-from ._philox import grouped_normals
+from .common import DATA_DTYPES, MAX_K, NoiseSeed, acc_dtype, block_size, check_seed, launch_on, strides3
+from .philox import grouped_normals
 
 
 @triton.jit

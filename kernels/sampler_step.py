@@ -3,7 +3,7 @@
 Φ, Λ, C and the Γ_j are K×K matrices shared by the whole batch (built once per time grid by
 :mod:`fastmdm.solvers`), y_j the network outputs (or older noise predictions, for multistep
 solvers) and ξ ~ N(0, I) drawn in the kernel in the flat noise layout of
-:mod:`fastmdm.kernels._common` (offset 0), so it does not depend on the launch grid. The seed is
+:mod:`fastmdm.kernels.common` (offset 0), so it does not depend on the launch grid. The seed is
 read from a device tensor (``seeds[index]``), so a captured CUDA graph can be replayed with fresh
 seeds and the step needs no host synchronisation. Per program: one sample b and a block of data
 columns; arithmetic in float32 (float64 for float64 data), like :mod:`fastmdm.kernels.perturbation`.
@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import MAX_K, MAX_STEP_INPUTS, acc_dtype, block_size, launch_on
-from ._philox import flat_values
+from .common import MAX_K, MAX_STEP_INPUTS, acc_dtype, block_size, launch_on
+from .philox import flat_values
 
 
 @triton.jit

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import MAX_K, TransitionSeries, block_size, launch_on
+from .common import MAX_K, TransitionSeries, block_size, launch_on
 
 
 @triton.jit

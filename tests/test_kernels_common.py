@@ -1,4 +1,4 @@
-"""The noise layout documented once in kernels/_common.py, regenerated from its formulas with
+"""The noise layout documented once in kernels/common.py, regenerated from its formulas with
 bare Philox draws and compared bit for bit with what each kernel draws."""
 
 import math

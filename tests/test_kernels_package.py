@@ -54,11 +54,11 @@ def test_import_fastmdm_kernels_from_the_source_tree():
         sys.meta_path[:] = [f for f in sys.meta_path
                             if not getattr(f, "__module__", "").startswith("__editable__")]
         import fastmdm.kernels
-        from fastmdm.kernels import _common
+        from fastmdm.kernels import common
         assert "triton" not in sys.modules
-        here = os.path.dirname(os.path.abspath(_common.__file__))
+        here = os.path.dirname(os.path.abspath(common.__file__))
         assert here == {KERNELS!r}, here
-        assert fastmdm.kernels.MAX_K == _common.MAX_K
+        assert fastmdm.kernels.MAX_K == common.MAX_K
         print("ok")
     """)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]

@@ -232,7 +232,7 @@ COMPILE_SCRIPT = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from fastmdm.kernels import dsm_loss, perturbation, transition
+    from fastmdm.kernels import dsm_loss, hutchinson, perturbation, sampler_step, transition
     from fastmdm.transition import LYAPUNOV_TERMS, TAYLOR_TERMS
 
     def build(fn, sig, **constexprs):
@@ -266,6 +266,15 @@ COMPILE_SCRIPT = textwrap.dedent("""
           {"eh_ptr": "*fp16", **ptrs("noise_ptr w_ptr go_ptr", "*fp32"), "geh_ptr": "*fp16",
            "gw_ptr": "*fp32", **strides},
           K=3, FROM_SEED=True, NEED_EPS_HAT=True, NEED_W=True, BLOCK_D=1024)
+    build(sampler_step._sde_step_kernel,
+          {**ptrs("u_ptr y0_ptr y1_ptr y2_ptr", "*bf16"), "coef_ptr": "*fp32", "seeds_ptr": "*i64",
+           "out_ptr": "*bf16", **ints("index d")},
+          K=3, INPUTS=2, NOISY=True, BLOCK_D=1024)
+    build(hutchinson._probes_kernel, {"out_ptr": "*fp16", **ints("seed offset n")},
+          GAUSSIAN=False, BLOCK=1024)
+    build(hutchinson._quadratic_forms_kernel,
+          {"w_ptr": "*bf16", **ptrs("mix_ptr partial_ptr"), **ints("seed offset B d n_chunks")},
+          KV=3, KW=2, GAUSSIAN=True, BLOCK_D=1024)
     print("ok")
 """)
 

@@ -2,7 +2,7 @@
 
 Imports only the standard library and torch, so :class:`NoiseSeed` and the limits can be read
 where triton is not installed; the ``@triton.jit`` side of the noise layout is
-:mod:`fastmdm.kernels._philox`.
+:mod:`fastmdm.kernels.philox`.
 
 Noise layout (Philox4x32-10, as ``tl.randn``/``tl.randn4x``/``tl.randint`` draw it). Every
 random value is a pure function of (seed, counter), so it does not depend on the launch grid
@@ -28,13 +28,14 @@ from torch import Tensor
 
 MAX_K = 8  # the largest K (variables per state) the unrolled K×K kernels support
 MAX_STEP_INPUTS = 3  # network outputs the fused sampler step reads
-SEED_BOUND = 2**31  # seeds are drawn in [0, SEED_BOUND)
+SEED_BOUND = 2**31  # probe seeds lie in [0, SEED_BOUND)
+DISTRIBUTIONS = ("rademacher", "gaussian")  # of the probes (flat layout)
 DATA_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 class NoiseSeed(NamedTuple):
     """Noise that was never stored: the grouped-layout normals of ``seed`` from counter ``offset``
-    (see :mod:`fastmdm.kernels._common`)."""
+    (see :mod:`fastmdm.kernels.common`)."""
 
     seed: int
     offset: int = 0

@@ -1,4 +1,4 @@
-"""The noise layout of :mod:`fastmdm.kernels._common` as ``@triton.jit`` helpers."""
+"""The noise layout of :mod:`fastmdm.kernels.common` as ``@triton.jit`` helpers."""
 
 from __future__ import annotations
 
