@@ -15,6 +15,8 @@ and can be regenerated instead of stored:
   a contiguous tensor is ``tl.randn(seed, offset + i)``, or for a Rademacher probe +1 when the
   top bit of ``tl.randint(seed, offset + i)`` is 0 and −1 otherwise. The sampler step uses
   offset 0 and reads its seed from a device tensor; a probe set (P, B, K, d) is one tensor.
+
+tests/test_kernels_common.py regenerates each kernel's draws from these formulas.
 """
 
 from __future__ import annotations
