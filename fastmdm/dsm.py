@@ -1,4 +1,4 @@
-"""The weighted DSM term of the ELBO (mdm-math.md §4), one pass over (ε̂, ε).
+"""The weighted DSM term of the ELBO (docs/math.md §4), one pass over (ε̂, ε).
 
     loss_b = ½ Σ_j (ε̂ − ε)[b, :, j]ᵀ W_b (ε̂ − ε)[b, :, j],   W_t = L_t⁻¹ (2β(t) D) L_t⁻ᵀ
 

@@ -1,4 +1,4 @@
-"""Transition-kernel coefficients (mdm-math.md §2) for a batch of times in one Triton launch.
+"""Transition-kernel coefficients (docs/math.md §2) for a batch of times in one Triton launch.
 
 Each lane of a program is one sample τ; every K×K matrix lives in float64 registers as a
 tuple of K² vectors over the lanes (K a compile-time constant, every loop over K unrolled):
