@@ -9,7 +9,7 @@ and :func:`time_cases` work without pytest):
 
 * ``coefficients`` -- (M_t, Σ_t, L_t, L_t⁻ᵀ) for B times (one Triton launch on CUDA);
 * ``perturb_only`` -- u_t = a x₀ + L ε given the coefficients: ε drawn in-kernel and never
-  stored (``perturb_seeded``) vs the torch path's randn + broadcast + bmm; the reference
+  stored (``fastmdm.kernels.perturb``) vs the torch path's randn + broadcast + bmm; the reference
   column is the published code's randn + einsum;
 * ``perturb_step`` -- both: what a training step does before the network (targets: GPU ≥ 20×
   the reference at B = 128, d = 3072; CPU torch path ≥ 3×).
@@ -53,9 +53,9 @@ def _floor(size: bm.Size, dtype) -> int:
 
 
 def _seeded(x0, tk):
-    from fastmdm.kernels.perturb import perturb_seeded
+    from fastmdm.kernels import NoiseSeed, perturb
 
-    return perturb_seeded(x0, tk.mean_coef[:, :, 0], tk.chol, SEED)
+    return perturb(x0, tk.mean_coef[:, :, 0], tk.chol, seed=NoiseSeed(SEED))
 
 
 def build_coefficients(size: bm.Size, device, dtype) -> bm.Workload:

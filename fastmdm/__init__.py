@@ -1,11 +1,12 @@
 """fastmdm: fast multivariate diffusion models (Singhal, Goldstein, Ranganath, ICLR 2023)."""
 
-from . import adapters
+from . import _kernels_path, adapters  # noqa: F401  (_kernels_path first: fastmdm.kernels in a source tree)
 from .backend import get_backend, set_backend
 from .bpd import bits_per_dim, dequantize, logit_transform
 from .data import DataTransform, load_dataset
 from .diffusion import LinearDiffusion, alda, cld, learned, malda, vpsde
 from .divergence import exact_divergence, hutchinson_divergence
+from .dsm import NoiseSeed
 from .fields import probability_flow_drift
 from .likelihood import ode_bits_per_dim, ode_log_likelihood
 from .mixtures import GaussianMixture
@@ -24,6 +25,7 @@ __all__ = [
     "GaussianMixture",
     "LinearDiffusion",
     "MLPScore",
+    "NoiseSeed",
     "Trainer",
     "TransitionKernel",
     "UNetScore",

@@ -1,19 +1,32 @@
 """Backend selection: which implementation (torch or Triton) runs a fused op.
 
-"auto" uses the Triton kernels for CUDA tensors when triton imports, the torch
-path otherwise; "torch" always the torch path; "triton" always the kernels,
-which on CPU requires ``TRITON_INTERPRET=1``. The environment variable
-``FASTMDM_BACKEND`` sets the initial choice.
+"auto" uses the Triton kernels for CUDA tensors when triton imports and the sizes fit the
+kernels, the torch path otherwise; "torch" always the torch path; "triton" always the kernels
+(on CPU under ``TRITON_INTERPRET=1``), and raises RuntimeError where they cannot run. The
+environment variable ``FASTMDM_BACKEND`` sets the initial choice. :func:`dispatch` is the one
+place that decides, and the only importer of :mod:`fastmdm.kernels` modules.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import os
+from collections.abc import Callable
 
 import torch
 
+from .kernels.common import MAX_K, MAX_STEP_INPUTS
+
 BACKENDS = ("auto", "torch", "triton")
+KERNEL_LIMITS = {  # fastmdm.kernels op -> the largest sizes it takes, in dispatch's order
+    "transition_coefficients": (MAX_K,),  # K
+    "perturb": (MAX_K,),  # K
+    "weighted_dsm": (MAX_K,),  # K
+    "generate_probes": (),
+    "probe_quadratic_forms": (MAX_K, MAX_K),  # K_v, K_w
+    "sde_step": (MAX_K, MAX_STEP_INPUTS),  # K, network outputs read
+}
 
 _state = {"backend": None}
 
@@ -75,3 +88,23 @@ def use_triton(device: torch.device | str) -> bool:
     if device.type not in ("cpu", "cuda"):
         raise RuntimeError(f"backend 'triton' does not support device {device.type!r}")
     return True
+
+
+def dispatch(op: str, device: torch.device | str, *sizes: int) -> Callable | None:
+    """The Triton kernel ``fastmdm.kernels.<op>`` if it runs for tensors on ``device`` with
+    these ``sizes`` (see ``KERNEL_LIMITS``), else None: run the torch path.
+
+    The kernels (and triton) are imported only when returned. Sizes beyond the kernel's
+    limits select the torch path under "auto" and raise RuntimeError under "triton".
+    """
+    limits = KERNEL_LIMITS[op]
+    if len(sizes) != len(limits):
+        raise TypeError(f"dispatch of {op!r} takes {len(limits)} sizes, got {len(sizes)}")
+    if not use_triton(device):
+        return None
+    if any(n > limit for n, limit in zip(sizes, limits, strict=True)):
+        if get_backend() == "triton":
+            raise RuntimeError(f"backend 'triton' was requested but the {op} kernel supports sizes "
+                               f"up to {limits}, got {sizes}")
+        return None
+    return getattr(importlib.import_module(".kernels", __package__), op)

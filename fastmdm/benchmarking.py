@@ -216,10 +216,10 @@ def _build_perturb_data(size: Size, device, dtype) -> Workload:
     item = torch.finfo(dtype).bits // 8
     fast = None
     if use_triton(device):
-        from .kernels.perturb import perturb_seeded
+        from .kernels import NoiseSeed, perturb
 
         def fast():
-            return perturb_seeded(x0, tk.mean_coef[:, :, 0], tk.chol, seed=1234)
+            return perturb(x0, tk.mean_coef[:, :, 0], tk.chol, seed=NoiseSeed(1234))
 
     def torch_path():
         return diff.mean(x0, tk) + apply_kk(tk.chol, torch.randn(shape, dtype=dtype, device=device))

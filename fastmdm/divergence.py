@@ -28,13 +28,11 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
-from .backend import use_triton
+from .backend import dispatch
+from .kernels.common import DISTRIBUTIONS, SEED_BOUND
 from .ops import draw_seed
 
-DISTRIBUTIONS = ("rademacher", "gaussian")
 MODES = ("jvp", "vjp")
-MAX_FUSED_K = 8  # the fused reduction's limit on K_in, K_out
-SEED_BOUND = 2**31
 _PROBE_STREAM = 1_000_003  # torch path: probe p of seed s uses Generator.manual_seed(s·_PROBE_STREAM + p)
 
 
@@ -72,11 +70,10 @@ def materialize_probes(probes: int, sample_shape, seed: int, distribution: str =
     dtype = dtype or torch.get_default_dtype()
     device = torch.device(device if device is not None else "cpu")
     sample_shape = tuple(sample_shape)
-    if use_triton(device):
-        from .kernels.hutchinson import generate_probes
-
-        return generate_probes((probes, *sample_shape), seed, distribution, dtype, device,
-                               offset=first * math.prod(sample_shape))
+    fused = dispatch("generate_probes", device)
+    if fused is not None:
+        return fused((probes, *sample_shape), seed, distribution, dtype, device,
+                     offset=first * math.prod(sample_shape))
     out = torch.empty((probes, *sample_shape), dtype=dtype, device=device)
     gen = torch.Generator(device=device)
     for p in range(probes):
@@ -94,9 +91,8 @@ def probe_quadratic_forms(w: Tensor, mixing: Tensor, v: Tensor | None, seed: int
     regenerates v from the seed and ignores ``v``; the torch path needs it.
     """
     kv, kw = mixing.shape[1], mixing.shape[2]
-    if use_triton(w.device) and max(kv, kw) <= MAX_FUSED_K:
-        from .kernels.hutchinson import probe_quadratic_forms as fused
-
+    fused = dispatch("probe_quadratic_forms", w.device, kv, kw)
+    if fused is not None:
         return fused(w, mixing, seed, distribution, offset=first * w.shape[1] * kv * w.shape[-1])
     if v is None:
         raise ValueError("the torch path of probe_quadratic_forms needs the probes v")

@@ -1,31 +1,21 @@
-"""The weighted DSM term of the ELBO (mdm-math.md §4), one pass over (ε̂, ε).
+"""The weighted DSM term of the ELBO (docs/math.md §4), one pass over (ε̂, ε).
 
     loss_b = ½ Σ_j (ε̂ − ε)[b, :, j]ᵀ W_b (ε̂ − ε)[b, :, j],   W_t = L_t⁻¹ (2β(t) D) L_t⁻ᵀ
 
 Torch path here; the fused Triton kernel (:mod:`fastmdm.kernels.dsm_loss`) when
-:func:`fastmdm.backend.use_triton` says so — which also accepts the perturbation's
-``NoiseSeed`` in place of ε and regenerates ε instead of reading it.
+:func:`fastmdm.backend.dispatch` picks it — which also accepts the perturbation's
+:class:`NoiseSeed` in place of ε and regenerates ε instead of reading it.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
-import torch
 from torch import Tensor
 
-from .backend import use_triton
+from .backend import dispatch
+from .kernels.common import NoiseSeed, acc_dtype
 from .ops import apply_kk, sum_data
 
-MAX_TRITON_K = 8
-
-
-class NoiseSeed(NamedTuple):
-    """Noise that was never stored: ε[b, k, j] is the Philox normal at counter
-    ``offset + (b K + k) d + j`` under ``seed`` (see :mod:`fastmdm.kernels.perturb`)."""
-
-    seed: int
-    offset: int = 0
+__all__ = ["NoiseSeed", "weighted_dsm"]
 
 
 def _check(eps_hat: Tensor, eps, weight: Tensor) -> None:
@@ -50,19 +40,18 @@ def weighted_dsm(eps_hat: Tensor, eps, weight: Tensor) -> Tensor:
     """½ Σ_j (ε̂ − ε)[:, :, j]ᵀ W (ε̂ − ε)[:, :, j] per sample: shape (B,).
 
     eps_hat, eps: (B, K, *data_shape); eps may also be the :class:`NoiseSeed` of a seeded
-    perturbation (:func:`fastmdm.kernels.perturb.perturb_seeded`; Triton backend only).
+    perturbation (``perturb_with_kernel(…, store_noise=False)`` on the Triton backend).
     weight: (B, K, K). Accumulates in float32 (float64 for float64 eps_hat).
     Differentiable in all inputs.
     """
     _check(eps_hat, eps, weight)
     K = eps_hat.shape[1]
-    if use_triton(eps_hat.device) and K <= MAX_TRITON_K:
-        from .kernels.dsm_loss import weighted_dsm_triton
-
-        return weighted_dsm_triton(eps_hat, eps, weight)
+    fused = dispatch("weighted_dsm", eps_hat.device, K)
+    if fused is not None:
+        return fused(eps_hat, eps, weight)
     if not isinstance(eps, Tensor):
         raise TypeError(f"eps must be a tensor on the torch path (K={K}, device "
                         f"{eps_hat.device}); a NoiseSeed needs the Triton backend")
-    acc = torch.float64 if eps_hat.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(eps_hat.dtype)
     delta = eps_hat.to(acc) - eps.to(acc)
     return 0.5 * sum_data(delta * apply_kk(weight.to(acc), delta))

@@ -27,6 +27,7 @@ from .noise_frame import diffusion_key
 from .ode import odeint_adaptive
 from .ops import apply_kk
 from .parameterization import AffineMap, denoised_weights, get_parameterization
+from .sde_step import sde_step
 from .solvers import (
     DEFAULT_SOLVER,
     SOLVERS,
@@ -235,8 +236,6 @@ def _noise_seeds(steps: int, generator, device) -> Tensor:
 
 def run_linear(loop: Loop, plan: LinearPlan, u: Tensor) -> Tensor:
     """The loop u ← Φ (u + Λ ε̂_n) + Σ_j Γ_j ε̂_{n−j} + C ξ of the fixed-grid solvers (a fused step)."""
-    from .kernels.sde_step import sde_step
-
     N, H, K = plan.gamma.shape[0], plan.gamma.shape[1], plan.phi.shape[-1]
     zeros = torch.zeros(N, K, K, dtype=torch.float64)
     noise = plan.noise if plan.noise is not None else zeros

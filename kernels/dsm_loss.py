@@ -1,7 +1,8 @@
-"""Fused weighted DSM loss (mdm-math.md §4): ½ Σ_j δ[:, j]ᵀ W δ[:, j], δ = ε̂ − ε, per sample.
+"""Fused weighted DSM loss (docs/math.md §4): ½ Σ_j δ[:, j]ᵀ W δ[:, j], δ = ε̂ − ε, per sample.
 
-ε is regenerated in-kernel from the perturbation's :class:`NoiseSeed` (or read, if given as a
-tensor), so a training step never stores it. Forward: per-block partial sums of δᵀWδ.
+ε is regenerated in-kernel from the perturbation's :class:`NoiseSeed` (the grouped noise
+layout of :mod:`fastmdm.kernels.common`), or read if given as a tensor, so a training step
+never stores it. Forward: per-block partial sums of δᵀWδ.
 Backward: ∂/∂ε̂ = ḡ_b · ½(W + Wᵀ) δ in one pass, and ∂/∂W = ḡ_b · ½ Σ_j δ δᵀ (partial sums)
 when W requires grad (learned diffusions). Arithmetic in float32 (float64 for float64 ε̂).
 """
@@ -13,9 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastmdm.dsm import NoiseSeed
-
-from .perturb import MAX_K, acc_dtype, block_d, noise_block, on, strides3
+from .common import MAX_K, NoiseSeed, acc_dtype, block_size, launch_on, strides3
+from .perturbation import noise_block
 
 
 @triton.jit
@@ -87,10 +87,10 @@ def _dsm_bwd(
 
 def _launch_fwd(eh, noise, w, seed, offset):
     B, K, d = eh.shape
-    block = block_d(d, eh.device)
+    block = block_size(d, eh.device)
     part = torch.zeros((B, triton.cdiv(d, block)), dtype=w.dtype, device=eh.device)
     if eh.numel():
-        with on(eh.device):
+        with launch_on(eh.device):
             _dsm_fwd[part.shape](eh, noise, w, part, seed, offset, d, *strides3(eh),
                                  *strides3(noise), K=K, FROM_SEED=noise is None, BLOCK_D=block)
     return part.sum(1)
@@ -98,12 +98,12 @@ def _launch_fwd(eh, noise, w, seed, offset):
 
 def _launch_bwd(eh, noise, w, go, seed, offset, need_eh, need_w):
     B, K, d = eh.shape
-    block = block_d(d, eh.device)
+    block = block_size(d, eh.device)
     nblk = triton.cdiv(d, block)
     geh = torch.empty((B, K, d), dtype=eh.dtype, device=eh.device) if need_eh else None
     gw = torch.zeros((B, nblk, K, K), dtype=w.dtype, device=eh.device) if need_w else None
     if eh.numel():
-        with on(eh.device):
+        with launch_on(eh.device):
             _dsm_bwd[(B, nblk)](eh, noise, w, go, geh, gw, seed, offset, d, *strides3(eh),
                                 *strides3(noise), K=K, FROM_SEED=noise is None,
                                 NEED_EPS_HAT=need_eh, NEED_W=need_w, BLOCK_D=block)
@@ -130,11 +130,11 @@ class _DsmFn(torch.autograd.Function):
                 None, None)
 
 
-def weighted_dsm_triton(eps_hat: Tensor, eps: Tensor | NoiseSeed, weight: Tensor) -> Tensor:
+def weighted_dsm(eps_hat: Tensor, eps: Tensor | NoiseSeed, weight: Tensor) -> Tensor:
     """½ Σ_j (ε̂ − ε)[:, j]ᵀ W (ε̂ − ε)[:, j] per sample, (B,), in one pass over ε̂.
 
     eps_hat (B, K, *shape); eps the noise as a tensor of that shape, or the
-    :class:`NoiseSeed` it was drawn from by :func:`~fastmdm.kernels.perturb.perturb_seeded`
+    :class:`NoiseSeed` it was drawn from by :func:`~fastmdm.kernels.perturbation.perturb`
     (then regenerated, never read); weight (B, K, K). Differentiable in eps_hat, eps and W.
     Validation of shapes, dtypes and devices is :func:`fastmdm.dsm.weighted_dsm`'s.
     """

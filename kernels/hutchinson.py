@@ -1,9 +1,8 @@
-"""Hutchinson probes from a seed and the fused per-sample probe reduction (mdm-math.md §5).
+"""Hutchinson probes from a seed and the fused per-sample probe reduction (docs/math.md §5).
 
 A probe set is P tensors v_p of shape (B, K_v, d), laid out as one contiguous (P, B, K_v, d)
-tensor. Its entry at flat index i is a pure function of (seed, i) — Philox through
-``tl.randn`` (Gaussian) or the top bit of ``tl.randint`` (Rademacher ±1), cast to the probe
-dtype — so it does not depend on the launch grid and can be regenerated anywhere.
+tensor in the flat noise layout of :mod:`fastmdm.kernels.common` (Gaussian or Rademacher,
+cast to the probe dtype), so it does not depend on the launch grid and can be regenerated.
 
 * :func:`generate_probes` writes the probes (for the network's JVP/VJP call);
 * :func:`probe_quadratic_forms` computes, for every probe p and sample b,
@@ -26,25 +25,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-MAX_K = 8
-DISTRIBUTIONS = ("rademacher", "gaussian")
-
-
-@triton.jit
-def _probe(seed, offsets, GAUSSIAN: tl.constexpr):
-    """Probe entries at flat indices ``offsets`` (int64): N(0, 1), or ±1 from a random bit."""
-    if GAUSSIAN:
-        value = tl.randn(seed, offsets)
-    else:
-        bits = tl.randint(seed, offsets)
-        value = tl.where((bits >> 31) == 0, 1.0, -1.0)
-    return value
+from .common import DISTRIBUTIONS, MAX_K, SEED_BOUND, block_size, check_seed, launch_on
+from .philox import flat_values
 
 
 @triton.jit
 def _probes_kernel(out_ptr, seed, offset, n, GAUSSIAN: tl.constexpr, BLOCK: tl.constexpr):
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    value = _probe(seed, offset + index, GAUSSIAN)
+    value = flat_values(seed, offset + index, GAUSSIAN)
     tl.store(out_ptr + index, value.to(out_ptr.dtype.element_ty), mask=index < n)
 
 
@@ -62,7 +50,7 @@ def _quadratic_forms_kernel(
     w_base = pb * KW * d
     v = ()
     for k in tl.static_range(KV):
-        probe = _probe(seed, v_base + k * d + j, GAUSSIAN)
+        probe = flat_values(seed, v_base + k * d + j, GAUSSIAN)
         v = v + (probe.to(w_ptr.dtype.element_ty).to(tl.float64),)  # the probe dtype's exact value
     acc = tl.zeros((BLOCK_D,), dtype=tl.float64)
     for l in tl.static_range(KW):
@@ -80,20 +68,6 @@ def _check_distribution(distribution: str) -> bool:
     return distribution == "gaussian"
 
 
-def _check_seed(seed, offset) -> tuple[int, int]:
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
-        raise ValueError(f"seed must be an integer in [0, 2**31), got {seed!r}")
-    if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset < 2**62:
-        raise ValueError(f"offset must be a non-negative integer, got {offset!r}")
-    return seed, offset
-
-
-def _block(n: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        return 1024
-    return min(4096, triton.next_power_of_2(max(n, 16)))  # interpreter: few, wide programs
-
-
 def generate_probes(shape, seed: int, distribution: str = "rademacher",
                     dtype: torch.dtype = torch.float32, device="cuda", offset: int = 0) -> Tensor:
     """Probes of ``seed``: a contiguous tensor of ``shape`` whose flat entry i is probe(seed, offset + i).
@@ -102,14 +76,16 @@ def generate_probes(shape, seed: int, distribution: str = "rademacher",
     offset p₀·B·K·d.
     """
     gaussian = _check_distribution(distribution)
-    seed, offset = _check_seed(seed, offset)
+    seed, offset = check_seed(seed, offset, SEED_BOUND)
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
     out = torch.empty(tuple(shape), dtype=dtype, device=device)
     n = out.numel()
     if n:
-        block = _block(n, out.device)
-        _probes_kernel[(triton.cdiv(n, block),)](out, seed, offset, n, GAUSSIAN=gaussian, BLOCK=block)
+        block = block_size(n, out.device)
+        with launch_on(out.device):
+            _probes_kernel[(triton.cdiv(n, block),)](out, seed, offset, n, GAUSSIAN=gaussian,
+                                                      BLOCK=block)
     return out
 
 
@@ -135,14 +111,15 @@ def _launch(w: Tensor, mixing: Tensor, seed: int, gaussian: bool, offset: int) -
     P, B, KW, d = w.shape
     kv = mixing.shape[1]
     w, mixing = w.detach().contiguous(), mixing.detach().contiguous()
-    block = _block(d, w.device)
+    block = block_size(d, w.device)
     n_chunks = triton.cdiv(d, block) if d else 0
     partial = torch.empty((P * B, n_chunks), dtype=torch.float64, device=w.device)
     if P * B and n_chunks:
-        _quadratic_forms_kernel[(P * B, n_chunks)](
-            w, mixing, partial, seed, offset, B, d, n_chunks,
-            KV=kv, KW=KW, GAUSSIAN=gaussian, BLOCK_D=block,
-        )
+        with launch_on(w.device):
+            _quadratic_forms_kernel[(P * B, n_chunks)](
+                w, mixing, partial, seed, offset, B, d, n_chunks,
+                KV=kv, KW=KW, GAUSSIAN=gaussian, BLOCK_D=block,
+            )
     return partial.sum(1).view(P, B)
 
 
@@ -181,7 +158,7 @@ def probe_quadratic_forms(w: Tensor, mixing: Tensor, seed: int, distribution: st
     regenerated in-kernel, never read. Differentiable in w and N.
     """
     gaussian = _check_distribution(distribution)
-    seed, offset = _check_seed(seed, offset)
+    seed, offset = check_seed(seed, offset, SEED_BOUND)
     _check_reduction(w, mixing)
     if torch.is_grad_enabled() and (w.requires_grad or mixing.requires_grad):
         return _QuadraticFormsFn.apply(w, mixing, seed, gaussian, offset)

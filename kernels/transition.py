@@ -1,4 +1,4 @@
-"""Transition-kernel coefficients (mdm-math.md §2) for a batch of times in one Triton launch.
+"""Transition-kernel coefficients (docs/math.md §2) for a batch of times in one Triton launch.
 
 Each lane of a program is one sample τ; every K×K matrix lives in float64 registers as a
 tuple of K² vectors over the lanes (K a compile-time constant, every loop over K unrolled):
@@ -11,8 +11,9 @@ tuple of K² vectors over the lanes (K a compile-time constant, every loop over 
   form [σ₀ M[:, 1:], chol P] = L Q without cancelling inner products;
 * L⁻ᵀ by forward substitution.
 
-These are the numerics of :mod:`fastmdm.transition`; gradients come from recomputing that
-torch path on the K×K inputs (:class:`_TransitionFn`).
+These are the numerics of :mod:`fastmdm.transition`, which passes in the series lengths, ‖A‖₂
+and itself: gradients come from recomputing that torch path on the K×K inputs
+(:class:`_TransitionFn`), so this module imports nothing from fastmdm.
 """
 
 from __future__ import annotations
@@ -22,17 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastmdm.transition import (
-    LYAPUNOV_TERMS,
-    TAYLOR_TERMS,
-    TransitionKernel,
-    spectral_norm,
-    transition_kernel,
-)
-
-from .perturb import on
-
-MAX_K = 8
+from .common import MAX_K, TransitionSeries, block_size, launch_on
 
 
 @triton.jit
@@ -247,12 +238,6 @@ def _transition_kernel(
             tl.store(inv_t_ptr + base + i * K + j, Z[i * K + j], mask=mask)  # L⁻ᵀ[i, j] = Z[j, i]
 
 
-def _block_b(batch: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        return 32
-    return min(256, triton.next_power_of_2(max(batch, 16)))  # interpreter: few, wide programs
-
-
 def _check(A: Tensor, two_d: Tensor, tau: Tensor, var: Tensor) -> int:
     K = A.shape[-1]
     if A.shape != (K, K) or two_d.shape != (K, K) or var.shape != (K,) or tau.dim() != 1:
@@ -269,21 +254,22 @@ def _check(A: Tensor, two_d: Tensor, tau: Tensor, var: Tensor) -> int:
     return K
 
 
-def _launch(A: Tensor, two_d: Tensor, tau: Tensor, init_aux_var: float | None,
-            var: Tensor) -> tuple:
+def _launch(A: Tensor, two_d: Tensor, tau: Tensor, init_aux_var: float | None, var: Tensor,
+            series: TransitionSeries) -> tuple:
     K = _check(A, two_d, tau, var)
     A, two_d, tau, var = (x.detach().contiguous() for x in (A, two_d, tau, var))
-    norm = spectral_norm(A)
+    norm = series.norm(A)
     outs = tuple(torch.empty((tau.shape[0], K, K), dtype=torch.float64, device=tau.device)
                  for _ in range(4))
     if tau.shape[0]:
         hybrid = init_aux_var is not None and K > 1
-        block = _block_b(tau.shape[0], tau.device)
+        block = block_size(tau.shape[0], tau.device, gpu=32, widest=256)
         aux_std = torch.full_like(norm, init_aux_var**0.5 if hybrid else 0.0)
-        with on(tau.device):
+        with launch_on(tau.device):
             _transition_kernel[(triton.cdiv(tau.shape[0], block),)](
                 A, two_d, var, tau, norm, aux_std, *outs, tau.shape[0], K=K, HYBRID=hybrid,
-                TAYLOR=TAYLOR_TERMS, LYAPUNOV=LYAPUNOV_TERMS, BLOCK_B=block, num_warps=1,
+                TAYLOR=series.taylor_terms, LYAPUNOV=series.lyapunov_terms, BLOCK_B=block,
+                num_warps=1,
             )
     return outs
 
@@ -292,10 +278,10 @@ class _TransitionFn(torch.autograd.Function):
     """Forward: the Triton kernel. Backward: autograd through the torch path on K×K inputs."""
 
     @staticmethod
-    def forward(ctx, A, two_d, tau, init_aux_var, var):
+    def forward(ctx, A, two_d, tau, init_aux_var, var, series):
         ctx.save_for_backward(A, two_d, tau, var)
-        ctx.init_aux_var = init_aux_var
-        return _launch(A, two_d, tau, init_aux_var, var)
+        ctx.init_aux_var, ctx.series = init_aux_var, series
+        return _launch(A, two_d, tau, init_aux_var, var, series)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -304,20 +290,21 @@ class _TransitionFn(torch.autograd.Function):
         with torch.enable_grad():
             inputs = [x.detach().requires_grad_(n)
                       for x, n in zip(saved, needs, strict=True)]
-            outs = transition_kernel(*inputs, ctx.init_aux_var, var)
+            outs = ctx.series.torch_path(*inputs, ctx.init_aux_var, var)
             wrt = [x for x in inputs if x.requires_grad]
             got = iter(torch.autograd.grad(outs, wrt, grads, allow_unused=True))
-        return (*(next(got) if n else None for n in needs), None, None)
+        return (*(next(got) if n else None for n in needs), None, None, None)
 
 
-def transition_kernel_triton(A: Tensor, two_d: Tensor, tau: Tensor, init_aux_var: float | None,
-                             stationary_var: Tensor) -> TransitionKernel:
+def transition_coefficients(A: Tensor, two_d: Tensor, tau: Tensor, init_aux_var: float | None,
+                            stationary_var: Tensor, series: TransitionSeries) -> tuple:
     """(M_t, Σ_t, L_t, L_t⁻ᵀ), each float64 (B, K, K), from one kernel launch.
 
-    Same contract as :func:`fastmdm.transition.transition_kernel`: A, two_d float64 (K, K) with
-    K ≤ 8 and A Σ∞ + Σ∞ Aᵀ + 2D = 0, Σ∞ = diag(stationary_var); tau float64 (B,) > 0;
-    ``init_aux_var`` σ₀² (hybrid start) or None (full start). Differentiable in A, two_d, tau.
+    Same contract as :func:`fastmdm.transition.transition_kernel`, which ``series`` carries: A,
+    two_d float64 (K, K) with K ≤ 8 and A Σ∞ + Σ∞ Aᵀ + 2D = 0, Σ∞ = diag(stationary_var); tau
+    float64 (B,) > 0; ``init_aux_var`` σ₀² (hybrid start) or None (full start).
+    Differentiable in A, two_d, tau.
     """
     if torch.is_grad_enabled() and any(x.requires_grad for x in (A, two_d, tau)):
-        return TransitionKernel(*_TransitionFn.apply(A, two_d, tau, init_aux_var, stationary_var))
-    return TransitionKernel(*_launch(A, two_d, tau, init_aux_var, stationary_var))
+        return _TransitionFn.apply(A, two_d, tau, init_aux_var, stationary_var, series)
+    return _launch(A, two_d, tau, init_aux_var, stationary_var, series)

@@ -6,21 +6,36 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # the mp oracle lives beside the tests
 
-import fastmdm as fm  # noqa: E402
-
+# fastmdm is imported by the fixtures, not here: with --no-triton, triton must be made
+# unimportable (pytest_configure) before fastmdm or any test module loads.
 BUILTINS = {
-    "vpsde": fm.vpsde,
-    "cld": fm.cld,
-    "alda": fm.alda,
-    "malda3": lambda: fm.malda(3),
-    "malda5": lambda: fm.malda(5),
+    "vpsde": lambda fm: fm.vpsde(),
+    "cld": lambda fm: fm.cld(),
+    "alda": lambda fm: fm.alda(),
+    "malda3": lambda fm: fm.malda(3),
+    "malda5": lambda fm: fm.malda(5),
 }
+
+
+def pytest_addoption(parser):
+    parser.addoption("--no-triton", action="store_true",
+                     help="run with triton unimportable (sys.modules['triton'] = None), as on a "
+                          "machine without it; the Triton kernel tests skip")
+
+
+def pytest_configure(config):
+    if config.getoption("--no-triton"):
+        if any(name == "fastmdm" or name.startswith("fastmdm.") for name in sys.modules):
+            raise pytest.UsageError("--no-triton: fastmdm was imported before triton was hidden")
+        sys.modules["triton"] = None
 
 
 @pytest.fixture(params=sorted(BUILTINS))
 def builtin(request):
     """Every built-in diffusion, by name."""
-    return BUILTINS[request.param]()
+    import fastmdm as fm
+
+    return BUILTINS[request.param](fm)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -40,6 +55,8 @@ def float64_default():
 
 @pytest.fixture(autouse=True)
 def _restore_torch_state():
+    import fastmdm as fm
+
     dtype = torch.get_default_dtype()
     yield
     torch.set_default_dtype(dtype)

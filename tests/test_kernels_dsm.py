@@ -14,7 +14,9 @@ from fastmdm.dsm import NoiseSeed, weighted_dsm
 DEVICE = require_triton_kernels()
 
 import fastmdm.kernels.dsm_loss as kd  # noqa: E402
-from fastmdm.kernels.perturb import perturb_seeded, perturb_transition  # noqa: E402
+from fastmdm.kernels import perturb  # noqa: E402
+
+from fastmdm.fused import fused_perturb  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 SEED = 4321
@@ -23,7 +25,7 @@ SEED = 4321
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
     """16 data columns per program: d = 21 spans two programs, the second partial."""
-    monkeypatch.setattr(kd, "block_d", lambda d, device: 16)
+    monkeypatch.setattr(kd, "block_size", lambda n, device, **limits: 16)
 
 
 def problem(K, dtype, B=3, shape=(21,), seed=0):
@@ -31,7 +33,7 @@ def problem(K, dtype, B=3, shape=(21,), seed=0):
     g = torch.Generator().manual_seed(seed)
     x0 = torch.zeros(B, *shape, device=DEVICE)
     a, eye = torch.zeros(B, K, device=DEVICE), torch.eye(K, device=DEVICE).expand(B, K, K)
-    eps = perturb_seeded(x0, a, eye, SEED, return_noise=True)[1]
+    eps = perturb(x0, a, eye, seed=NoiseSeed(SEED), return_noise=True)[1]
     eps_hat = (eps + 0.3 * torch.randn(eps.shape, generator=g).to(DEVICE)).to(dtype)
     R = torch.randn(B, K, K, dtype=torch.float64, generator=g)
     return eps_hat, eps, (R @ R.mT + 0.1 * torch.eye(K, dtype=torch.float64)).to(DEVICE)
@@ -132,7 +134,7 @@ def test_training_step_never_stores_eps():
     losses = []
     for store in (False, True):
         g = torch.Generator().manual_seed(5)
-        u, eps = perturb_transition(x0, tk, generator=g, store_noise=store)
+        u, eps = fused_perturb(perturb, x0, tk, generator=g, store_noise=store)
         assert isinstance(eps, torch.Tensor) == store
         losses.append(weighted_dsm(net(u), eps, W))
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=0)

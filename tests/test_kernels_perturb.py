@@ -14,14 +14,20 @@ from fastmdm.ops import apply_kk
 
 DEVICE = require_triton_kernels()
 
-import fastmdm.kernels.perturb as kp  # noqa: E402
-import triton  # noqa: E402
-from fastmdm.kernels.perturb import perturb_seeded, perturb_with_noise  # noqa: E402
+import fastmdm.kernels.perturbation as kp  # noqa: E402
+from fastmdm.kernels import NoiseSeed  # noqa: E402
 
-tl = triton.language
 # |u − exact| ≤ RTOL·(|x₀-term| + |ε-term|) magnitude: one rounding to the data dtype
 RTOL = {torch.float32: 1e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float64: 1e-14}
 DTYPES = list(RTOL)
+
+
+def perturb_seeded(x0, coef, chol, seed, start="hybrid", offset=0, return_noise=False):
+    return kp.perturb(x0, coef, chol, start, seed=NoiseSeed(seed, offset), return_noise=return_noise)
+
+
+def perturb_with_noise(x0, coef, chol, noise, start="hybrid"):
+    return kp.perturb(x0, coef, chol, start, noise=noise)
 
 
 def diffusion(K):
@@ -31,7 +37,7 @@ def diffusion(K):
 @pytest.fixture
 def small_blocks(monkeypatch):
     """16 data columns per program: d = 21 or 37 spans several programs, the last partial."""
-    monkeypatch.setattr(kp, "block_d", lambda d, device: 16)
+    monkeypatch.setattr(kp, "block_size", lambda n, device, **limits: 16)
 
 
 @pytest.fixture
@@ -133,40 +139,13 @@ def test_deterministic_and_independent_of_the_grid(monkeypatch):
     diff, tk, x0, coef, t = setup(3, "hybrid", 2, (37,), torch.float32)
     u1, e1 = perturb_seeded(x0, coef, tk.chol, 77, return_noise=True)
     u2, e2 = perturb_seeded(x0, coef, tk.chol, 77, return_noise=True)
-    monkeypatch.setattr(kp, "block_d", lambda d, device: 16)
+    monkeypatch.setattr(kp, "block_size", lambda n, device, **limits: 16)
     u3, e3 = perturb_seeded(x0, coef, tk.chol, 77, return_noise=True)
     assert torch.equal(u1, u2) and torch.equal(u1, u3) and torch.equal(e1, e3)
     assert not torch.equal(e1, perturb_seeded(x0, coef, tk.chol, 78, return_noise=True)[1])
     # the counter is offset + (b K + k)⌈d/4⌉ + ⌊j/4⌋: an offset of K⌈d/4⌉ shifts the batch
     shifted = perturb_seeded(x0, coef, tk.chol, 77, offset=3 * 10, return_noise=True)[1]
     assert torch.equal(shifted[0], e1[1])
-
-
-@triton.jit
-def _randn4x_at(out_ptr, counter_ptr, seed, N: tl.constexpr):
-    n0, n1, n2, n3 = tl.randn4x(seed, tl.load(counter_ptr + tl.arange(0, N)))
-    row = out_ptr + tl.arange(0, N) * 4
-    tl.store(row, n0)
-    tl.store(row + 1, n1)
-    tl.store(row + 2, n2)
-    tl.store(row + 3, n3)
-
-
-def test_noise_is_the_documented_philox_stream():
-    """ε[b, k, j] = output j mod 4 of tl.randn4x(seed, offset + (b K + k)⌈d/4⌉ + ⌊j/4⌋)."""
-    B, K, d, seed, offset = 2, 3, 10, 99, 1000
-    x0, coef = torch.zeros(B, d, device=DEVICE), torch.zeros(B, K, device=DEVICE)
-    eps = perturb_seeded(x0, coef, torch.eye(K, device=DEVICE).expand(B, K, K), seed,
-                         offset=offset, return_noise=True)[1]
-    b, k, j = torch.meshgrid(torch.arange(B), torch.arange(K), torch.arange(0, d, 4),
-                             indexing="ij")
-    counters = (offset + (b * K + k) * math.ceil(d / 4) + j // 4).flatten()
-    n = counters.numel()  # 18: pad to a power of two
-    padded = torch.cat([counters, counters.new_zeros(32 - n)]).to(DEVICE)
-    draws = torch.empty(32, 4, device=DEVICE)
-    _randn4x_at[(1,)](draws, padded, seed, N=32)
-    want = draws[:n].reshape(B, K, -1)[..., :d]  # (B, K, 3 groups × 4)[:d]
-    torch.testing.assert_close(eps, want, rtol=0, atol=0)
 
 
 def test_generator_makes_diffusion_perturb_reproducible():
@@ -253,9 +232,11 @@ def learned_paths(start, K=2, B=2, d=2, seed=11):
         D = torch.diag(torch.nn.functional.softplus(dp)) + 1e-3 * torch.eye(K, dtype=dp.dtype)
         A, two_d = (-(q - q.T + D) / diff.stationary_var).to(DEVICE), (2 * D).to(DEVICE)
         if kernels:
-            from fastmdm.kernels.transition import transition_kernel_triton
+            from fastmdm.kernels.transition import transition_coefficients
 
-            tk = transition_kernel_triton(A, two_d, tau, aux, var)
+            from fastmdm.fused import fused_transition
+
+            tk = fused_transition(transition_coefficients, A, two_d, tau, aux, var)
             coef = tk.mean_coef if start == "full" else tk.mean_coef[:, :, 0]
             u = perturb_seeded(x0, coef, tk.chol, seed, start)
         else:

@@ -5,12 +5,19 @@ import math
 import pytest
 import torch
 
-from fastmdm.backend import interpreter_enabled, triton_available
+from fastmdm.backend import interpreter_enabled, set_backend, triton_available
+from fastmdm.sde_step import sde_step
 
 pytestmark = pytest.mark.skipif(not (triton_available() and interpreter_enabled()),
                                 reason="needs triton with TRITON_INTERPRET=1 on CPU")
 
 F64 = torch.float64
+
+
+def sde_step_torch(u, inputs, coefs, noisy=True):
+    """The torch path of :func:`fastmdm.sde_step.sde_step` (the backend is reset after each test)."""
+    set_backend("torch")
+    return sde_step(u, inputs, coefs, torch.zeros(1, dtype=torch.int64), 0, noisy)
 
 
 def coefs_for(K, inputs, gen, noisy=True):
@@ -24,7 +31,7 @@ def coefs_for(K, inputs, gen, noisy=True):
 @pytest.mark.parametrize("K", [1, 2, 3])
 @pytest.mark.parametrize("inputs", [0, 1, 3])
 def test_noise_free_step_matches_torch(dtype, tol, K, inputs):
-    from fastmdm.kernels.sde_step import sde_step_torch, sde_step_triton
+    from fastmdm.kernels.sampler_step import sde_step as sde_step_triton
 
     gen = torch.Generator().manual_seed(K * 10 + inputs)
     u = torch.randn(3, K, 5, 7, generator=gen).to(dtype)
@@ -39,7 +46,7 @@ def test_noise_free_step_matches_torch(dtype, tol, K, inputs):
 
 def test_noise_is_standard_normal_and_keyed_by_seed():
     """Φ = 0, Λ = 0, C = I returns ξ: mean 0, variance 1 (5-SE bounds), the same for the same seed."""
-    from fastmdm.kernels.sde_step import sde_step_triton
+    from fastmdm.kernels.sampler_step import sde_step as sde_step_triton
 
     K, n = 2, 4096
     u = torch.zeros(4, K, n, dtype=F64)
@@ -58,7 +65,7 @@ def test_noise_is_standard_normal_and_keyed_by_seed():
 
 def test_noisy_step_equals_torch_with_the_kernel_noise():
     """Full step = torch path with the ξ the kernel draws (recovered with Φ = Λ = Γ = 0, C = I)."""
-    from fastmdm.kernels.sde_step import sde_step_torch, sde_step_triton
+    from fastmdm.kernels.sampler_step import sde_step as sde_step_triton
 
     gen = torch.Generator().manual_seed(3)
     K = 3

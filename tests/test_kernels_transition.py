@@ -18,7 +18,13 @@ from fastmdm.transition import transition_kernel
 
 DEVICE = require_triton_kernels()
 
-from fastmdm.kernels.transition import transition_kernel_triton  # noqa: E402
+import fastmdm.kernels.transition as kt  # noqa: E402
+
+from fastmdm.fused import fused_transition  # noqa: E402
+
+
+def transition_kernel_triton(A, two_d, tau, init_aux_var, stationary_var):
+    return fused_transition(kt.transition_coefficients, A, two_d, tau, init_aux_var, stationary_var)
 
 TOL = 1e-10  # against the exact value
 PAIR_TOL = 2 * TOL  # between two paths that are each within TOL of it
@@ -136,7 +142,7 @@ def test_every_output_element_written(monkeypatch):
         return out.fill_(float("nan")) if out.is_floating_point() else out
 
     monkeypatch.setattr(torch, "empty", poisoned)
-    monkeypatch.setattr("fastmdm.kernels.transition._block_b", lambda b, dev: 16)
+    monkeypatch.setattr(kt, "block_size", lambda n, device, **limits: 16)
     diff = fm.malda(4)
     got, want = both_paths(diff, times(37, diff, torch.Generator().manual_seed(1)), "hybrid")
     assert all(torch.isfinite(x).all() for x in got)
@@ -194,10 +200,8 @@ def test_dispatch_uses_the_kernel_and_fails_loudly(monkeypatch):
     diff = fm.cld()
     t = torch.tensor([0.2, 0.7], dtype=torch.float64, device=DEVICE)
     calls = []
-    import fastmdm.kernels.transition as kt
-
-    real = kt.transition_kernel_triton
-    monkeypatch.setattr(kt, "transition_kernel_triton", lambda *a: calls.append(1) or real(*a))
+    real = kt.transition_coefficients
+    monkeypatch.setattr(kt, "transition_coefficients", lambda *a: calls.append(1) or real(*a))
     fm.set_backend("triton")
     diff.transition(t)
     assert calls == [1]
@@ -228,7 +232,7 @@ COMPILE_SCRIPT = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from fastmdm.kernels import dsm_loss, perturb, transition
+    from fastmdm.kernels import dsm_loss, hutchinson, perturbation, sampler_step, transition
     from fastmdm.transition import LYAPUNOV_TERMS, TAYLOR_TERMS
 
     def build(fn, sig, **constexprs):
@@ -243,12 +247,12 @@ COMPILE_SCRIPT = textwrap.dedent("""
           {**ptrs("a_ptr two_d_ptr var_ptr tau_ptr norm_ptr aux_std_ptr m_ptr cov_ptr chol_ptr "
                   "inv_t_ptr"), "B": "i32"},
           K=3, HYBRID=True, TAYLOR=TAYLOR_TERMS, LYAPUNOV=LYAPUNOV_TERMS, BLOCK_B=32)
-    build(perturb._perturb_fwd,
+    build(perturbation._perturb_fwd,
           {"x_ptr": "*bf16", **ptrs("coef_ptr chol_ptr noise_ptr", "*fp32"),
            "out_ptr": "*bf16", "eps_out_ptr": "*bf16",
            **ints("seed offset d sxb sxk sxj snb snk snj")},
           K=3, FULL=False, FROM_SEED=True, WRITE_NOISE=True, BLOCK_D=1024)
-    build(perturb._perturb_bwd,
+    build(perturbation._perturb_bwd,
           {"g_ptr": "*bf16", "x_ptr": "*bf16", **ptrs("coef_ptr noise_ptr", "*fp32"),
            "gx_ptr": "*bf16", **ptrs("gcoef_ptr gchol_ptr", "*fp32"),
            **ints("seed offset d sgb sgk sgj sxb sxk sxj snb snk snj")},
@@ -262,6 +266,15 @@ COMPILE_SCRIPT = textwrap.dedent("""
           {"eh_ptr": "*fp16", **ptrs("noise_ptr w_ptr go_ptr", "*fp32"), "geh_ptr": "*fp16",
            "gw_ptr": "*fp32", **strides},
           K=3, FROM_SEED=True, NEED_EPS_HAT=True, NEED_W=True, BLOCK_D=1024)
+    build(sampler_step._sde_step_kernel,
+          {**ptrs("u_ptr y0_ptr y1_ptr y2_ptr", "*bf16"), "coef_ptr": "*fp32", "seeds_ptr": "*i64",
+           "out_ptr": "*bf16", **ints("index d")},
+          K=3, INPUTS=2, NOISY=True, BLOCK_D=1024)
+    build(hutchinson._probes_kernel, {"out_ptr": "*fp16", **ints("seed offset n")},
+          GAUSSIAN=False, BLOCK=1024)
+    build(hutchinson._quadratic_forms_kernel,
+          {"w_ptr": "*bf16", **ptrs("mix_ptr partial_ptr"), **ints("seed offset B d n_chunks")},
+          KV=3, KW=2, GAUSSIAN=True, BLOCK_D=1024)
     print("ok")
 """)
 

@@ -1,10 +1,8 @@
-"""The perturbation u_t = M_t m₀ + L_t ε (mdm-math.md §2) in one pass over the data.
+"""The perturbation u_t = M_t m₀ + L_t ε (docs/math.md §2) in one pass over the data.
 
-ε[b, k, j] is output j mod 4 of ``tl.randn4x(seed, offset + (b K + k)⌈d/4⌉ + ⌊j/4⌋)`` (one
-Philox call gives four normals): keyed by the seed and the element's index alone, so it is
-reproducible, independent of the launch grid and can be regenerated instead of stored — by
-the backward here and by the fused DSM loss (:mod:`fastmdm.kernels.dsm_loss`). A given ε (a
-tensor) is read instead when supplied.
+ε is drawn in-kernel in the grouped noise layout of :mod:`fastmdm.kernels.common`, so it can
+be regenerated instead of stored — by the backward here and by the fused DSM loss
+(:mod:`fastmdm.kernels.dsm_loss`). A given ε (a tensor) is read instead when supplied.
 
 Per program: one sample b and a block of data columns j. Hybrid start (m₀ = (x₀, 0, …)):
 u[k] = a_k x₀ + Σ_{l≤k} L_kl ε_l with a = M[:, 0]; full start:
@@ -14,31 +12,22 @@ Arithmetic in float32 (float64 for float64 data); any strides are accepted.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastmdm.dsm import NoiseSeed
-from fastmdm.ops import apply_kk, draw_seed
-from fastmdm.transition import TransitionKernel
-
-MAX_K = 8
-DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-SEED_HIGH = 2**31 - 1
+from .common import DATA_DTYPES, MAX_K, NoiseSeed, acc_dtype, block_size, check_seed, launch_on, strides3
+from .philox import grouped_normals
 
 
 @triton.jit
 def noise_block(noise_ptr, where, seed, offset, row, d, blk, mask, FROM_SEED: tl.constexpr,
                 BLOCK_D: tl.constexpr):
-    """ε of data row ``row`` = b K + k, columns blk·BLOCK_D + [0, BLOCK_D): the Philox normals
-    (float32) if FROM_SEED, else loaded at ``noise_ptr + where``."""
+    """ε of data row ``row`` = b K + k, columns blk·BLOCK_D + [0, BLOCK_D): the grouped-layout
+    normals (float32) if FROM_SEED, else loaded at ``noise_ptr + where``."""
     if FROM_SEED:
-        first = offset + row * tl.cdiv(d, 4) + blk * (BLOCK_D // 4)
-        n0, n1, n2, n3 = tl.randn4x(seed, first + tl.arange(0, BLOCK_D // 4))
-        return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [BLOCK_D])  # 4i + m ← n_m[i]
+        return grouped_normals(seed, offset, row, d, blk, BLOCK_D)
     else:
         return tl.load(noise_ptr + where, mask=mask, other=0.0)
 
@@ -123,29 +112,6 @@ def _perturb_bwd(
                 tl.store(gchol_ptr + (part * K + k) * K + l, tl.sum(gs[k] * e, axis=0))
 
 
-def on(device: torch.device):
-    """Context in which to launch for tensors on ``device`` (Triton uses the current GPU)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def block_d(d: int, device: torch.device) -> int:
-    """Data columns per program (a power of two ≥ 16, so a multiple of the 4 normals per Philox
-    call): 1024 on GPU; as few programs as possible in the interpreter."""
-    if device.type == "cuda":
-        return 1024
-    return min(4096, triton.next_power_of_2(max(d, 16)))
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Arithmetic dtype of the data pass: float64 for float64 data, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def strides3(x: Tensor | None) -> tuple[int, int, int]:
-    """(batch, variable, data) strides of a (B, K, d) tensor (zeros for None)."""
-    return (0, 0, 0) if x is None else tuple(x.stride())
-
-
 def _strides_x(x: Tensor, full: bool) -> tuple[int, int, int]:
     return strides3(x) if full else (x.stride(0), 0, x.stride(1))
 
@@ -156,8 +122,8 @@ def _launch_fwd(x, coef, chol, noise, seed, offset, full, write_noise):
     out = torch.empty((B, K, d), dtype=x.dtype, device=x.device)
     eps = torch.empty_like(out) if write_noise else None
     if out.numel():
-        block = block_d(d, x.device)
-        with on(x.device):
+        block = block_size(d, x.device)
+        with launch_on(x.device):
             _perturb_fwd[(B, triton.cdiv(d, block))](
                 x, coef, chol, noise, out, eps, seed, offset, d, *_strides_x(x, full),
                 *strides3(noise), K=K, FULL=full, FROM_SEED=noise is None,
@@ -169,7 +135,7 @@ def _launch_fwd(x, coef, chol, noise, seed, offset, full, write_noise):
 def _launch_bwd(g, x, coef, noise, seed, offset, full, needs):
     B, K, d = g.shape
     acc = coef.dtype
-    block = block_d(d, g.device)
+    block = block_size(d, g.device)
     nblk = triton.cdiv(d, block)
     need_x, need_coef, need_chol = needs
     gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
@@ -177,7 +143,7 @@ def _launch_bwd(g, x, coef, noise, seed, offset, full, needs):
              if need_coef else None)
     gchol = torch.empty((B, nblk, K, K), dtype=acc, device=g.device) if need_chol else None
     if g.numel():
-        with on(g.device):
+        with launch_on(g.device):
             _perturb_bwd[(B, nblk)](
                 g, x, coef, noise, gx, gcoef, gchol, seed, offset, d, *strides3(g),
                 *_strides_x(x, full), *strides3(noise), K=K, FULL=full, FROM_SEED=noise is None,
@@ -208,7 +174,7 @@ class _PerturbFn(torch.autograd.Function):
         need_x, need_coef, need_chol, need_noise = ctx.needs_input_grad[:4]
         gx, gcoef, gchol = _launch_bwd(g, x, coef, noise, seed, offset, full,
                                        (need_x, need_coef, need_chol))
-        gnoise = apply_kk(chol.transpose(-1, -2), g).to(noise.dtype) if need_noise else None
+        gnoise = (chol.transpose(-1, -2).to(g.dtype) @ g).to(noise.dtype) if need_noise else None
         return (gx, None if gcoef is None else gcoef.to(coef_dtype),
                 None if gchol is None else gchol.to(chol_dtype), gnoise, None, None, None, None)
 
@@ -223,8 +189,8 @@ def _check(x0: Tensor, coef: Tensor, chol: Tensor, start: str) -> tuple[Tensor, 
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.device != x0.device:
             raise ValueError(f"{name} is on {t.device} but x0 is on {x0.device}")
-    if x0.dtype not in DTYPES:
-        raise TypeError(f"x0 must have dtype in {DTYPES}, got {x0.dtype}")
+    if x0.dtype not in DATA_DTYPES:
+        raise TypeError(f"x0 must have dtype in {DATA_DTYPES}, got {x0.dtype}")
     if chol.dim() != 3 or chol.shape[1] != chol.shape[2] or not 1 <= chol.shape[1] <= MAX_K:
         raise ValueError(f"chol must be (B, K, K) with 1 <= K <= {MAX_K}, got {tuple(chol.shape)}")
     B, K = chol.shape[:2]
@@ -240,57 +206,35 @@ def _check(x0: Tensor, coef: Tensor, chol: Tensor, start: str) -> tuple[Tensor, 
     return x0.reshape(*x0.shape[: 2 if full else 1], -1), full
 
 
-def _perturb(x0, coef, chol, start, noise, seed, offset, write_noise):
+def perturb(x0: Tensor, coef: Tensor, chol: Tensor, start: str = "hybrid", *,
+            noise: Tensor | None = None, seed: NoiseSeed | None = None, return_noise: bool = False):
+    """u_t = M_t m₀ + L_t ε in one pass; ε is ``noise`` (B, K, *shape) if given, else the
+    grouped-layout normals of ``seed`` drawn in-kernel (stored only if ``return_noise``).
+
+    Hybrid: x0 (B, *shape), coef = M_t[:, :, 0] (B, K); full: x0 = u₀ (B, K, *shape), coef =
+    M_t (B, K, K). chol = L_t (B, K, K). Returns u_t (B, K, *shape) in x0's dtype, and ε too if
+    ``return_noise``. Differentiable in x0, coef, chol and a given noise.
+    """
     x, full = _check(x0, coef, chol, start)
     K = chol.shape[1]
     out_shape = (x0.shape[0], K, *x0.shape[(2 if full else 1):])
+    if (noise is None) == (seed is None):
+        raise ValueError("pass exactly one of noise (a tensor) and seed (a NoiseSeed)")
     if noise is not None:
         if tuple(noise.shape) != out_shape or noise.device != x0.device:
             raise ValueError(f"noise must have shape {out_shape} on {x0.device}, "
                              f"got {tuple(noise.shape)} on {noise.device}")
-        noise = noise.reshape(out_shape[0], K, -1)
-    if not 0 <= offset < 2**62 or not 0 <= seed < 2**63:
-        raise ValueError(f"need 0 <= seed < 2**63 and 0 <= offset < 2**62, got {seed}, {offset}")
-    args = (x, coef, chol, noise, int(seed), int(offset), full, write_noise)
+        noise, seed, return_noise = noise.reshape(out_shape[0], K, -1), NoiseSeed(0), False
+    elif not isinstance(seed, NoiseSeed):
+        raise TypeError(f"seed must be a NoiseSeed, got {type(seed).__name__}")
+    args = (x, coef, chol, noise, *check_seed(seed.seed, seed.offset), full, return_noise)
     tensors = (x, coef, chol) if noise is None else (x, coef, chol, noise)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         res = _PerturbFn.apply(*args)
-        out, eps = res if write_noise else (res, None)
+        out, eps = res if return_noise else (res, None)
     else:
         acc = acc_dtype(x.dtype)
         out, eps = _launch_fwd(x, coef.detach().to(acc).contiguous(),
                                chol.detach().to(acc).contiguous(), *args[3:])
     out = out.view(out_shape)
-    return (out, eps.view(out_shape)) if write_noise else out
-
-
-def perturb_seeded(x0: Tensor, coef: Tensor, chol: Tensor, seed: int, start: str = "hybrid",
-                   offset: int = 0, return_noise: bool = False):
-    """u_t = M_t m₀ + L_t ε with ε drawn in-kernel: the noise of ``NoiseSeed(seed, offset)``.
-
-    Hybrid: x0 (B, *shape), coef = M_t[:, :, 0] (B, K); full: x0 = u₀ (B, K, *shape), coef =
-    M_t (B, K, K). chol = L_t (B, K, K). Returns u_t (B, K, *shape) in x0's dtype, and ε too
-    if ``return_noise`` (otherwise ε is never stored). Differentiable in x0, coef and chol.
-    """
-    return _perturb(x0, coef, chol, start, None, seed, offset, return_noise)
-
-
-def perturb_with_noise(x0: Tensor, coef: Tensor, chol: Tensor, noise: Tensor,
-                       start: str = "hybrid") -> Tensor:
-    """As :func:`perturb_seeded` with a given ε (B, K, *shape); differentiable in all four."""
-    return _perturb(x0, coef, chol, start, noise, 0, 0, False)
-
-
-def perturb_transition(x0: Tensor, tk: TransitionKernel, start: str = "hybrid",
-                       generator: torch.Generator | None = None, noise: Tensor | None = None,
-                       store_noise: bool = True) -> tuple[Tensor, Tensor | NoiseSeed]:
-    """:meth:`LinearDiffusion.perturb` on the Triton path: (u_t, ε) with ε given, or drawn from
-    a seed that ``generator`` picks. ``store_noise=False`` returns the :class:`NoiseSeed`
-    instead of ε (nothing stored; :func:`fastmdm.dsm.weighted_dsm` regenerates it)."""
-    coef = tk.mean_coef if start == "full" else tk.mean_coef[:, :, 0]
-    if noise is not None:
-        return perturb_with_noise(x0, coef, tk.chol, noise, start), noise
-    seed = draw_seed(generator, SEED_HIGH)
-    if store_noise:
-        return perturb_seeded(x0, coef, tk.chol, seed, start, return_noise=True)
-    return perturb_seeded(x0, coef, tk.chol, seed, start), NoiseSeed(seed)
+    return (out, eps.view(out_shape)) if return_noise else out
