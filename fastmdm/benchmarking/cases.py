@@ -8,8 +8,8 @@ Every case builds a :class:`Workload` holding
                     ``batched=True``): no loop over the batch, no fusion;
 * ``reference``  -- :mod:`fastmdm.reference` as published, one loop iteration per sample.
 
-:data:`CASES` is the one registry: ``fastmdm bench``, the pytest-benchmark suite and the
-scripts in benchmarks/ all take their cases from it.
+:data:`CASES` is the one registry: ``fastmdm bench``, the pytest-benchmark suite
+(benchmarks/test_suite.py) and benchmarks/bench_transition.py take their cases from it.
 """
 
 from __future__ import annotations
@@ -68,6 +68,8 @@ class Workload:
 
 @dataclasses.dataclass(frozen=True)
 class Case:
+    """A registry entry: ``build(size, device, dtype)`` prepares the inputs and returns the Workload."""
+
     name: str
     description: str
     build: Callable[[Size, torch.device, torch.dtype], Workload]
