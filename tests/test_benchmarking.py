@@ -252,3 +252,10 @@ def test_batched_baseline_computes_what_the_looped_reference_does():
                                                generator=torch.Generator().manual_seed(2), batched=b, **args)
                for b in (False, True)]
     torch.testing.assert_close(samples[1], samples[0], rtol=1e-12, atol=1e-12)
+
+
+def test_the_schema_is_a_valid_json_schema_that_the_tiny_report_meets(tiny_run):
+    import jsonschema
+
+    jsonschema.Draft202012Validator.check_schema(bm.SCHEMA)
+    jsonschema.validate(json.loads(tiny_run[1].read_text()), bm.SCHEMA)
