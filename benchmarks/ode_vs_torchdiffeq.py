@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import fastmdm as fm
 from fastmdm import benchmarking as bm
-from fastmdm.likelihood import ProbabilityFlow
+from fastmdm.fields import ProbabilityFlow
 from fastmdm.mixtures import GaussianMixture, exact_score_model
 from fastmdm.ode import odeint_adaptive
 
