@@ -1,21 +1,21 @@
 """Hutchinson divergence: batched (fastmdm) vs the reference's per-probe loop, CPU.
 
-For an MLP and a small conv net and probes ∈ {1, 10, 32}: median wall time per call, time
-per probe, the ratio to one probe of the same implementation, and the peak extra memory
-(torch.profiler's CPU memory accounting is not used: we report the bytes of the probes and
-network outputs alive at once, P·B·n·itemsize for batched, B·n·itemsize for the loop).
+For an MLP and a small conv net and probes ∈ {1, 10, 32}: median wall time per call (the
+suite's timer, the implementations' samples interleaved), time per probe, the ratio to one
+probe of the same implementation, and the peak extra memory (torch.profiler's CPU memory
+accounting is not used: we report the bytes of the probes and network outputs alive at
+once, P·B·n·itemsize for batched, B·n·itemsize for the loop). The suite's ``hutchinson``
+case (``fastmdm bench``) times fastmdm's default mode against the reference on MLPScore.
 
 Run: ``python benchmarks/bench_hutchinson.py``. :func:`run_cases` is the plain-function
-runner (returns a list of dict rows); :data:`CASES` the case builders other suites import.
+runner (returns a list of dict rows).
 """
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 
+from fastmdm import benchmarking as bm
 from fastmdm import reference
 from fastmdm.divergence import hutchinson_divergence
 
@@ -39,7 +39,7 @@ def conv_case(B: int = 16, channels: int = 2, size: int = 16, width: int = 16):
     return net, torch.randn(B, channels, size, size)
 
 
-CASES = {"mlp": mlp_case, "conv": conv_case}
+NETWORKS = {"mlp": mlp_case, "conv": conv_case}
 IMPLS = {
     "batched-jvp": lambda fn, u, p: hutchinson_divergence(fn, u, probes=p, mode="jvp"),
     "batched-vjp": lambda fn, u, p: hutchinson_divergence(fn, u, probes=p, mode="vjp"),
@@ -47,31 +47,24 @@ IMPLS = {
 }
 
 
-def median_time(call, budget_s: float = 1.0, min_runs: int = 5) -> float:
-    call()  # warm-up
-    times, start = [], time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - start < budget_s:
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 200:
-            break
-    return statistics.median(times)
-
-
-def run_cases(cases=tuple(CASES), probes=PROBES, impls=tuple(IMPLS), budget_s: float = 1.0) -> list[dict]:
-    """One row per (case, impl, probes): seconds, seconds per probe, ratio to probes=1, live bytes."""
+def run_cases(networks=tuple(NETWORKS), probes=PROBES, impls=tuple(IMPLS), budget_s: float = 1.0) -> list[dict]:
+    """One row per (network, impl, probes): seconds, seconds per probe, ratio to probes=1, live bytes."""
     rows = []
-    for case in cases:
-        net, u = CASES[case]()
-        for impl in impls:
-            base = None
-            for p in probes:
-                seconds = median_time(lambda impl=impl, p=p, net=net, u=u: IMPLS[impl](net, u, p), budget_s)
-                base = seconds if base is None else base
+    for case in networks:
+        net, u = NETWORKS[case]()
+        base = {}
+        for p in probes:
+            timings = bm.measure_interleaved(
+                {impl: (lambda impl=impl, p=p, net=net, u=u: IMPLS[impl](net, u, p)) for impl in impls}, "cpu",
+                budget_s=budget_s)
+            for impl, timing in timings.items():
+                if isinstance(timing, Exception):
+                    raise timing
+                seconds = timing.median_s
+                base.setdefault(impl, seconds)
                 copies = p if impl.startswith("batched") else 1
                 rows.append(dict(case=case, impl=impl, probes=p, seconds=seconds, per_probe=seconds / p,
-                                 vs_one_probe=seconds / base,
+                                 vs_one_probe=seconds / base[impl],
                                  probe_bytes=2 * copies * u.numel() * u.element_size()))
     return rows
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import fastmdm as fm
 from fastmdm.mixtures import GaussianMixture, exact_score_model
@@ -96,7 +96,7 @@ class ExactLaw:
 def run(out: Path) -> None:
     torch.set_default_dtype(torch.float64)
     rows, curves = [], {}
-    t_start = time.perf_counter()
+    progress = tqdm(total=2 * len(DIFFUSIONS), desc="quality", unit="law")
     for d in (2, 16):
         mixture = make_mixture(d)
         for name, make in DIFFUSIONS.items():
@@ -124,7 +124,8 @@ def run(out: Path) -> None:
                     points.append((info["nfe"], w2, tv))
                     rows.append((name, d, label, info["nfe"], w2, tv, w2 / floor_w2, tv / floor_tv))
                 curves[key][label] = points
-            print(f"{name} d={d} done ({time.perf_counter() - t_start:.0f}s)", flush=True)
+            progress.update()
+    progress.close()
     write_table(out / "quality.md", rows, curves)
     plot(out / "quality.png", curves)
 

@@ -3,7 +3,7 @@
     pytest benchmarks/ --bench-preset quick [--bench-device cuda] [--bench-compile]
 
 Each (case, size) is one benchmark group; its members are the implementations
-(fast, torch where it differs, compile, reference), so pytest-benchmark's table
+(fast, torch where it differs, compile, batched where the case has it, reference), so pytest-benchmark's table
 compares them side by side. ``fastmdm bench`` runs the same registry with its own
 timer and writes the ratio report.
 """
@@ -26,7 +26,8 @@ def test_case(benchmark, bench_case, impl, bench_device, bench_compile):
         pytest.skip(str(err))
     impls = benchmarking.implementations(workload, bench_device, compile=impl == "compile")
     if impl not in impls:
-        pytest.skip(f"{impl}: the fast path is the torch path on {bench_device}")
+        pytest.skip(f"torch: the fast path is the torch path on {bench_device}" if impl == "torch"
+                    else f"{impl}: the {case.name} case has no such baseline")
     fn = impls[impl]
     benchmark.group = f"{case.name} {size.label()}"
     benchmark.extra_info.update(case=case.name, impl=impl, device=str(bench_device),

@@ -12,6 +12,11 @@ independent implementation. Formulas are those of docs/mdm-math.md:
   P = F12 F11^T, Sigma = M Sigma0 M^T + P, L = chol(Sigma), and L^{-T} by an
   explicit inverse, one Python-loop iteration per batch element.
 
+``batched=True`` (every function that computes a transition takes it) runs the same
+recipe once on the whole batch -- batched matrix_exp, Cholesky and inverse, no Python
+loop over the batch and no fusion: the "batched torch" baseline of the benchmarks,
+which separates what de-looping gains from what fastmdm's fusion gains.
+
 No jitter is added to the Cholesky factorisation, and nothing here guards
 against the small-tau cancellation that the fast path cures: in float32 the
 covariance is badly wrong near t_min (mdm-math.md section 2).
@@ -76,6 +81,7 @@ def transition(
     init_aux_var=0.01,
     stationary_var=None,
     dtype=torch.float32,
+    batched=False,
 ):
     """Transition kernel of the forward SDE at times t, one sample at a time.
 
@@ -83,7 +89,8 @@ def transition(
     and P(tau) = F12 F11^T = int_0^tau e^{sA} 2D e^{sA^T} ds; then
     Sigma = M Sigma0 M^T + P, L = chol(Sigma) (lower, no jitter) and L^{-T} = inverse(L)^T.
 
-    Returns (mean_coef M, cov Sigma, chol L, chol_inv_t L^{-T}), each (B, K, K) in dtype.
+    Returns (mean_coef M, cov Sigma, chol L, chol_inv_t L^{-T}), each (B, K, K) in dtype;
+    ``batched``: one batched call instead of the loop over the B times.
     """
     Q = torch.as_tensor(Q, dtype=dtype)
     D = torch.as_tensor(D, dtype=dtype, device=Q.device)
@@ -93,14 +100,20 @@ def transition(
     zeros = torch.zeros_like(A)
     block = torch.cat([torch.cat([A, 2 * D], dim=1), torch.cat([zeros, -A.T], dim=1)], dim=0)
     taus = tau(torch.as_tensor(t, dtype=dtype, device=Q.device).reshape(-1), beta_min, beta_max)
-    outs = []
-    for tau_b in taus:
-        F = torch.linalg.matrix_exp(tau_b * block)
-        M = F[:k, :k]
-        cov = M @ sigma0 @ M.T + F[:k, k:] @ M.T
-        L = torch.linalg.cholesky(cov)
-        outs.append((M, cov, L, torch.inverse(L).T))
+    if batched:
+        return _van_loan(taus, block, sigma0)
+    outs = [_van_loan(tau_b, block, sigma0) for tau_b in taus]
     return tuple(torch.stack(x) for x in zip(*outs, strict=True))
+
+
+def _van_loan(taus, block, sigma0):
+    """(M, Sigma, L, L^{-T}) from expm(tau block) for a scalar tau or a (B,) batch of them."""
+    k = sigma0.shape[-1]
+    F = torch.linalg.matrix_exp(taus[..., None, None] * block)
+    M = F[..., :k, :k]
+    cov = M @ sigma0 @ M.mT + F[..., :k, k:] @ M.mT
+    L = torch.linalg.cholesky(cov)
+    return M, cov, L, torch.inverse(L).mT
 
 
 def perturb(
@@ -116,6 +129,7 @@ def perturb(
     init_aux_var=0.01,
     stationary_var=None,
     dtype=torch.float32,
+    batched=False,
 ):
     """Sample u_t = M m0 + L eps, eps ~ N(0, I) of shape (B, K, *data_shape).
 
@@ -137,6 +151,7 @@ def perturb(
         init_aux_var=init_aux_var,
         stationary_var=stationary_var,
         dtype=dtype,
+        batched=batched,
     )
     k = M.shape[-1]
     if start == "hybrid":
@@ -164,6 +179,7 @@ def noise_prediction_loss(
     init_aux_var=0.01,
     stationary_var=None,
     dtype=torch.float32,
+    batched=False,
 ):
     """Per-sample ||model(u_t, t) - eps||^2 summed over K and data, hybrid start.
 
@@ -185,6 +201,7 @@ def noise_prediction_loss(
         init_aux_var=init_aux_var,
         stationary_var=stationary_var,
         dtype=dtype,
+        batched=batched,
     )
     return (model(u_t, t) - eps).pow(2).flatten(1).sum(1)
 
@@ -202,6 +219,7 @@ def dsm_loss_weighted(
     init_aux_var=0.01,
     stationary_var=None,
     dtype=torch.float32,
+    batched=False,
 ):
     """Weighted DSM term of the ELBO (mdm-math.md section 4), per sample.
 
@@ -220,6 +238,7 @@ def dsm_loss_weighted(
         init_aux_var=init_aux_var,
         stationary_var=stationary_var,
         dtype=dtype,
+        batched=batched,
     )
     two_beta_d = 2 * beta(t, beta_min, beta_max).reshape(-1, 1, 1) * D
     W = chol_inv_t.transpose(-1, -2) @ two_beta_d @ chol_inv_t
@@ -267,6 +286,7 @@ def euler_maruyama_sample(
     init_aux_var=0.01,
     stationary_var=None,
     dtype=torch.float32,
+    batched=False,
 ):
     """Euler-Maruyama on the reverse SDE du = beta [A u - 2 D s] dt + sqrt(2 beta D) dW_bar.
 
@@ -306,6 +326,7 @@ def euler_maruyama_sample(
                 init_aux_var=init_aux_var,
                 stationary_var=sinf,
                 dtype=dtype,
+                batched=batched,
             )
             s = -_matvec(chol_inv_t, out)
         else:

@@ -13,7 +13,7 @@ from fastmdm import benchmarking as bm
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One tiny-preset run on CPU (every case), written to a fresh directory."""
-    report = bm.run_suite("tiny", "cpu", log=None)
+    report = bm.run_suite("tiny", "cpu", progress=False)
     out = tmp_path_factory.mktemp("bench")
     json_path, md_path = bm.write_report(report, out)
     return report, json_path, md_path
@@ -55,6 +55,8 @@ def test_ratios_are_quotients_of_the_same_runs_medians(tiny_run):
     for ratio in report["ratios"]:
         case = ratio["case"]
         assert ratio["fast_over_reference"] == medians[(case, "fast")] / medians[(case, "reference")]
+        if case in ("transition", "perturb", "dsm_loss", "sampler_step", "train_step"):
+            assert ratio["fast_over_batched"] == medians[(case, "fast")] / medians[(case, "batched")]
         assert ratio["fast_over_torch"] is None  # on CPU the fast path is the torch path
         assert ratio["fast_over_compile"] is None  # the tiny preset leaves torch.compile out
 
@@ -70,6 +72,12 @@ def test_ratios_are_quotients_of_the_same_runs_medians(tiny_run):
         (lambda r: r["rows"][0].update(median_s=0.0), "median_s"),
         (lambda r: r["rows"][0].update(status="failed", reason=""), "reason"),
         (lambda r: r["ratios"][0].update(fast_over_compile=1.0), "no ok row"),
+        (lambda r: r["ratios"][0].update(fast_over_batched=r["ratios"][0]["fast_over_batched"] * 2),
+         "quotient"),
+        (lambda r: r["ratios"][0].pop("fast_over_batched"), "fast_over_batched"),
+        (lambda r: r["rows"][0].update(B=0), "B"),
+        (lambda r: r["metadata"].update(preset="huge"), "preset"),
+        (lambda r: r.update(schema_version=1), "schema_version"),
         (lambda r: r.update(rows=[]), "rows"),
     ],
 )
@@ -153,7 +161,7 @@ def test_skipped_failed_and_unavailable_compile_rows_carry_reasons(monkeypatch):
     _register(monkeypatch, "broken", lambda size, device, dtype: _workload(broken_reference))
     _register(monkeypatch, "works", lambda size, device, dtype: _workload())
     monkeypatch.setattr(torch, "compile", lambda fn: (_ for _ in ()).throw(RuntimeError("no compiler")))
-    report = bm.run_suite("tiny", "cpu", compile=True, cases=["missing", "broken", "works"], log=None)
+    report = bm.run_suite("tiny", "cpu", compile=True, cases=["missing", "broken", "works"], progress=False)
     bm.validate_report(report)
     rows = {(r["case"], r["impl"]): r for r in report["rows"]}
     assert rows[("missing", "fast")]["status"] == "skipped"
@@ -170,15 +178,14 @@ def test_skipped_failed_and_unavailable_compile_rows_carry_reasons(monkeypatch):
 def test_compile_rows_stop_when_the_compile_budget_is_spent(monkeypatch):
     _register(monkeypatch, "works", lambda size, device, dtype: _workload())
     monkeypatch.setattr(torch, "compile", lambda fn: fn)  # the tiny preset's compile budget is 0 s
-    report = bm.run_suite("tiny", "cpu", compile=True, cases=["works"], log=None)
+    report = bm.run_suite("tiny", "cpu", compile=True, cases=["works"], progress=False)
     (row,) = [r for r in report["rows"] if r["impl"] == "compile"]
     assert row["status"] == "n/a" and "budget" in row["reason"]
 
 
 def test_run_bench_prints_the_table_and_writes_both_files(monkeypatch, tmp_path, capsys):
     _register(monkeypatch, "works", lambda size, device, dtype: _workload())
-    monkeypatch.setattr(bm, "CASES", {"works": bm.CASES["works"]})
-    report = bm.run_bench("tiny", "cpu", tmp_path)
+    report = bm.run_bench("tiny", "cpu", tmp_path, cases=["works"])
     printed = capsys.readouterr().out
     assert "| works |" in printed and "fast/ref" in printed
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".md"]
@@ -187,9 +194,9 @@ def test_run_bench_prints_the_table_and_writes_both_files(monkeypatch, tmp_path,
 
 def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="preset"):
-        bm.run_suite("huge", "cpu", log=None)
+        bm.run_suite("huge", "cpu", progress=False)
     with pytest.raises(ValueError, match="cases"):
-        bm.run_suite("tiny", "cpu", cases=["nope"], log=None)
+        bm.run_suite("tiny", "cpu", cases=["nope"], progress=False)
 
 
 def test_targets_are_checked_only_on_gpu_reports(tiny_run):
@@ -215,3 +222,40 @@ def test_targets_are_checked_only_on_gpu_reports(tiny_run):
     report["metadata"]["copy_bandwidth_gbps"] = 1e6  # tiny rows: launch-bound, bandwidth not checked
     lines = bm.target_summary(report)
     assert len(lines) == 2 and "not ahead" in lines[0] and "not checked" in lines[1]
+
+
+def test_batched_baseline_computes_what_the_looped_reference_does():
+    """reference(..., batched=True) runs the same recipe without the loop: same numbers (float64)."""
+    from fastmdm import reference
+
+    diff = bm.bench_diffusion(3, "cpu")
+    args = dict(beta_min=diff.beta_min, beta_max=diff.beta_max, init_aux_var=diff.init_aux_var,
+                stationary_var=diff.stationary_var, dtype=torch.float64)
+    Q, D = diff.Q.detach(), diff.D.detach()
+    g = torch.Generator().manual_seed(7)
+    t = bm.T_LOW + (1 - bm.T_LOW) * torch.rand(5, dtype=torch.float64, generator=g)
+    x0 = torch.randn(5, 4, dtype=torch.float64, generator=g)
+    eps_hat, eps = torch.randn(2, 5, 3, 4, dtype=torch.float64, generator=g)
+    for looped, batched in zip(reference.transition(Q, D, t, **args),
+                               reference.transition(Q, D, t, batched=True, **args), strict=True):
+        torch.testing.assert_close(batched, looped, rtol=1e-12, atol=1e-12)
+    runs = [reference.perturb(Q, D, x0, t, generator=torch.Generator().manual_seed(1), batched=b, **args)
+            for b in (False, True)]
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(reference.dsm_loss_weighted(eps_hat, eps, t, Q, D, batched=True, **args),
+                               reference.dsm_loss_weighted(eps_hat, eps, t, Q, D, **args), rtol=1e-12, atol=0)
+
+    def model(u, t):
+        return torch.tanh(u) * t[:, None, None]
+
+    samples = [reference.euler_maruyama_sample(model, Q, D, (5, 4), steps=4, t_min=diff.t_min,
+                                               generator=torch.Generator().manual_seed(2), batched=b, **args)
+               for b in (False, True)]
+    torch.testing.assert_close(samples[1], samples[0], rtol=1e-12, atol=1e-12)
+
+
+def test_the_schema_is_a_valid_json_schema_that_the_tiny_report_meets(tiny_run):
+    import jsonschema
+
+    jsonschema.Draft202012Validator.check_schema(bm.SCHEMA)
+    jsonschema.validate(json.loads(tiny_run[1].read_text()), bm.SCHEMA)
