@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from .backend import dispatch
 from .fused import fused_perturb, fused_transition
 from .ops import apply_kk
+from .schedules import LinearBeta, TabulatedTau
 from .stages import staged
 from .transition import TransitionKernel, transition_kernel
 from .validation import check_choice, check_int, check_number
@@ -71,8 +72,9 @@ def check_hurwitz(A: Tensor) -> None:
 class LinearDiffusion(nn.Module):
     """A linear MDM: du = −β(t)(Q + D) Σ∞⁻¹ u dt + sqrt(2β(t) D) dW on K variables.
 
-    β(t) = β_min + (β_max − β_min) t on [t_min, T]; stationary law N(0, Σ∞),
-    Σ∞ = diag(stationary_var). Hybrid-start auxiliaries are N(0, init_aux_var).
+    β(t) = β_min + (β_max − β_min) t on [t_min, T] unless a ``schedule`` (:mod:`fastmdm.schedules`:
+    β, τ = ∫β and τ⁻¹) is given; stationary law N(0, Σ∞), Σ∞ = diag(stationary_var). Hybrid-start
+    auxiliaries are N(0, init_aux_var).
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class LinearDiffusion(nn.Module):
         init_aux_var: float = 0.01,
         stationary_var: float | Sequence[float] = 1.0,
         name: str = "linear",
+        schedule: LinearBeta | TabulatedTau | None = None,
     ):
         super().__init__()
         self._register_matrix("Q", Q)
@@ -100,11 +103,18 @@ class LinearDiffusion(nn.Module):
         check_psd(Dm)
         K = self.K = Qm.shape[0]
         self.name = name
-        check_number(beta_min, "beta_min", 0.0, low_open=True)
-        if not (math.isfinite(beta_max) and beta_min + (beta_max - beta_min) * T > 0):
-            raise ValueError(f"beta_max must keep beta(t) > 0 on [0, T], got {beta_max}")
-        if not (0 < t_min < T and math.isfinite(T)):
+        if schedule is None:
+            check_number(beta_min, "beta_min", 0.0, low_open=True)
+            if not (math.isfinite(beta_max) and beta_min + (beta_max - beta_min) * T > 0):
+                raise ValueError(f"beta_max must keep beta(t) > 0 on [0, T], got {beta_max}")
+            schedule = LinearBeta(beta_min, beta_max)
+        if not all(hasattr(schedule, name) for name in ("beta", "tau", "tau_inverse", "key")):
+            raise TypeError("schedule must provide beta, tau, tau_inverse and key (see fastmdm.schedules), "
+                            f"got {type(schedule).__name__}")
+        if not (0 <= t_min < T and math.isfinite(T)):
             raise ValueError(f"need 0 < t_min < T, got t_min={t_min}, T={T}")
+        if not schedule.tau(torch.tensor(float(t_min), dtype=torch.float64)) > 0:
+            raise ValueError(f"t_min must have tau(t_min) > 0 (the data sits at tau = 0), got t_min={t_min}")
         check_number(init_aux_var, "init_aux_var", 0.0, low_open=True)
         var = torch.as_tensor(stationary_var, dtype=torch.float64).flatten()
         if var.numel() == 1:
@@ -113,7 +123,7 @@ class LinearDiffusion(nn.Module):
             raise ValueError(
                 f"stationary_var must be a positive float or {K} positive values, got {stationary_var}"
             )
-        self.beta_min, self.beta_max = float(beta_min), float(beta_max)
+        self.schedule = schedule
         self.t_min, self.T = float(t_min), float(T)
         self.init_aux_var = float(init_aux_var)
         self.register_buffer("stationary_var", var)
@@ -149,26 +159,30 @@ class LinearDiffusion(nn.Module):
         return -(self.Q + self.D) / self.stationary_var
 
     def extra_repr(self) -> str:
-        return (f"name={self.name!r}, K={self.K}, beta=[{self.beta_min}, {self.beta_max}], "
-                f"t=[{self.t_min}, {self.T}]")
+        return f"name={self.name!r}, K={self.K}, schedule={self.schedule!r}, t=[{self.t_min}, {self.T}]"
 
     # -- time -----------------------------------------------------------------------------
+    @property
+    def beta_min(self) -> float:
+        """β_min of the linear schedule (a :class:`~fastmdm.schedules.LinearBeta`)."""
+        return self.schedule.beta_min
+
+    @property
+    def beta_max(self) -> float:
+        """β_max of the linear schedule (a :class:`~fastmdm.schedules.LinearBeta`)."""
+        return self.schedule.beta_max
+
     def beta(self, t: Tensor) -> Tensor:
-        """β(t) = β_min + (β_max − β_min) t."""
-        return self.beta_min + (self.beta_max - self.beta_min) * t
+        """β(t), the schedule's rate (β_min + (β_max − β_min) t by default)."""
+        return self.schedule.beta(t)
 
     def tau(self, t: Tensor) -> Tensor:
-        """τ(t) = ∫₀ᵗ β = β_min t + ½(β_max − β_min) t²."""
-        return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t * t
+        """τ(t) = ∫ β, the schedule's integrated rate (β_min t + ½(β_max − β_min) t² by default)."""
+        return self.schedule.tau(t)
 
     def tau_inverse(self, tau: Tensor) -> Tensor:
-        """t with τ(t) = tau: the positive root of ½(β_max − β_min) t² + β_min t − τ = 0."""
-        slope = self.beta_max - self.beta_min
-        if slope == 0:
-            return tau / self.beta_min
-        b = self.beta_min
-        # t = 2τ / (b + sqrt(b² + 2 slope τ)): the root without cancellation
-        return 2 * tau / (b + torch.sqrt(b * b + 2 * slope * tau))
+        """t with τ(t) = tau."""
+        return self.schedule.tau_inverse(tau)
 
     def phi(self, t: Tensor) -> Tensor:
         """φ(τ(t)) = log(e^{τ(t)} − 1) = τ + log(−expm1(−τ)), stable for small and large τ (docs/math.md §4).
@@ -359,9 +373,29 @@ class CholeskyPSD(nn.Module):
         return R @ R.T + self.floor * torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
 
 
-def vpsde(**kwargs) -> LinearDiffusion:
-    """VP-SDE (K = 1): Q = 0, D = ½, so f = −½βx and g² = β."""
+def vpsde(sigma_min: float | None = None, sigma_max: float | None = None, **kwargs) -> LinearDiffusion:
+    """VP-SDE (K = 1): Q = 0, D = ½, so f = −½βx and g² = β; x_t = α x₀ + sqrt(1 − α²) ε, α² = e^{−τ}.
+
+    ``sigma_min``, ``sigma_max``: the range of σ = sqrt((1 − α²)/α²) = sqrt(e^τ − 1) (k-diffusion's
+    noise levels) to cover: τ(T) = log(1 + σ_max²) sets β_max (with β_min = min(0.1, τ(T)/T) unless
+    given: a constant β for small σ_max), τ(t_min) = log(1 + σ_min²) sets t_min.
+    """
     kwargs.setdefault("name", "vpsde")
+    T = kwargs.get("T", 1.0)
+    if sigma_max is not None:
+        tau_T = math.log1p(check_number(sigma_max, "sigma_max", 0.0, low_open=True) ** 2)
+        beta_min = kwargs.setdefault("beta_min", min(0.1, tau_T / T))
+        if not beta_min * T < 2 * tau_T:
+            raise ValueError(f"sigma_max={sigma_max} needs beta_min < {2 * tau_T / T:.4g}, got {beta_min}")
+        kwargs["beta_max"] = beta_min + 2 * (tau_T - beta_min * T) / T**2
+    if sigma_min is not None:
+        tau_min = math.log1p(check_number(sigma_min, "sigma_min", 0.0, low_open=True) ** 2)
+        schedule = kwargs.get("schedule") or LinearBeta(kwargs.get("beta_min", 0.1),
+                                                        kwargs.get("beta_max", 10.0))
+        kwargs["t_min"] = float(schedule.tau_inverse(torch.tensor(tau_min, dtype=torch.float64)))
+        if not kwargs["t_min"] < T:
+            raise ValueError(f"sigma_min={sigma_min} must be below the diffusion's sigma at T "
+                             f"(sigma_max={sigma_max})")
     return LinearDiffusion([[0.0]], [[0.5]], **kwargs)
 
 

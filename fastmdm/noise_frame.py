@@ -34,7 +34,7 @@ def diffusion_key(diffusion: LinearDiffusion) -> tuple:
     """A hashable fingerprint of everything the forward process depends on (values, not identity)."""
     mats = torch.cat([diffusion.A.detach().flatten(), diffusion.D.detach().flatten(),
                       diffusion.stationary_var.detach().flatten()]).cpu()
-    return (mats.numpy().tobytes(), diffusion.beta_min, diffusion.beta_max, diffusion.t_min, diffusion.T,
+    return (mats.numpy().tobytes(), diffusion.schedule.key, diffusion.t_min, diffusion.T,
             diffusion.init_aux_var)
 
 
