@@ -236,12 +236,9 @@ def _noise_seeds(steps: int, generator, device) -> Tensor:
 
 def run_linear(loop: Loop, plan: LinearPlan, u: Tensor) -> Tensor:
     """The loop u ← Φ (u + Λ ε̂_n) + Σ_j Γ_j ε̂_{n−j} + C ξ of the fixed-grid solvers (a fused step)."""
-    N, H, K = plan.gamma.shape[0], plan.gamma.shape[1], plan.phi.shape[-1]
-    zeros = torch.zeros(N, K, K, dtype=torch.float64)
-    noise = plan.noise if plan.noise is not None else zeros
-    lam = plan.lam if plan.lam is not None else zeros
-    coefs = torch.cat([torch.stack([plan.phi, noise, lam], 1), plan.gamma], 1).to(u.device)  # (N, 3+H, K, K)
-    noisy = (noise.flatten(1).abs().amax(1) > 0).tolist()
+    N, H = plan.gamma.shape[0], plan.gamma.shape[1]
+    coefs, noisy = plan.packed()
+    coefs = coefs.to(u.device)  # (N, 3+H, K, K)
     pre = None
     if plan.pre_phi is not None:
         pre = torch.stack([plan.pre_phi, plan.pre_noise], 1).to(u.device)

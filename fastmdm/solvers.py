@@ -55,6 +55,16 @@ class LinearPlan(NamedTuple):
     pre_phi: Tensor | None = None
     pre_noise: Tensor | None = None
 
+    def packed(self) -> tuple[Tensor, list[bool]]:
+        """(coefs, noisy): coefs (N, 3 + H, K, K) = [Φ, C, Λ, Γ_0, …] per step, as the fused step takes
+        them (None as 0); noisy[n]: whether step n draws noise (C_n ≠ 0)."""
+        N, K = self.phi.shape[0], self.phi.shape[-1]
+        zeros = torch.zeros(N, K, K, dtype=torch.float64)
+        noise = self.noise if self.noise is not None else zeros
+        lam = self.lam if self.lam is not None else zeros
+        coefs = torch.cat([torch.stack([self.phi, noise, lam], 1), self.gamma], 1)
+        return coefs, (noise.flatten(1).abs().amax(1) > 0).tolist()
+
 
 
 def _matrices(diffusion: LinearDiffusion) -> tuple[Tensor, Tensor]:
