@@ -8,6 +8,10 @@ A VP-SDE (fastmdm.vpsde, K = 1) state is u = x_t = α_t x₀ + σ_t ε with α_t
   (score_sde / DDPM-style; ``time_scale=999`` for networks trained on the integer DDPM step).
 - ``from_k_diffusion(denoiser)``: denoiser(x, sigma) returns E[x₀ | x] for x = x₀ + σ n
   (k-diffusion's convention); the VP state maps to it by x = x_t / α_t, σ = sqrt(e^{τ(t)} − 1).
+
+A model may return a diffusers output object (``UNet2DOutput``): its ``.sample`` is used. A diffusers
+DDPM UNet on its exact discrete schedule: ``from_score_sde(unet, time_scale=N - 1)`` with the diffusion
+of :class:`fastmdm.integrations.diffusers.FastMDMScheduler` (``scheduler.diffusion``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,12 @@ from torch import Tensor
 
 from .diffusion import LinearDiffusion
 from .validation import check_callable, check_instance
+
+
+def model_tensor(out):
+    """A network's output as a tensor: a diffusers output object (UNet2DOutput, …) gives its ``.sample``."""
+    sample = getattr(out, "sample", None)
+    return sample if not isinstance(out, Tensor) and isinstance(sample, Tensor) else out
 
 
 def _check_vp(diffusion: LinearDiffusion) -> LinearDiffusion:
@@ -40,7 +50,7 @@ class ScoreSDEModel:
         return self
 
     def __call__(self, u: Tensor, t: Tensor) -> Tensor:
-        return self.eps_model(u[:, 0], t * self.time_scale).unsqueeze(1)
+        return model_tensor(self.eps_model(u[:, 0], t * self.time_scale)).unsqueeze(1)
 
 
 class KDiffusionModel:
@@ -67,7 +77,7 @@ class KDiffusionModel:
         alpha = torch.exp(-0.5 * tau).to(u.dtype)
         sigma = torch.sqrt(torch.expm1(tau)).to(u.dtype)
         x = u[:, 0] / alpha.view(-1, *([1] * (u.dim() - 2)))
-        return self.denoiser(x, sigma).unsqueeze(1)
+        return model_tensor(self.denoiser(x, sigma)).unsqueeze(1)
 
 
 def from_score_sde(eps_model, time_scale: float = 1.0) -> ScoreSDEModel:
