@@ -5,10 +5,12 @@
 The config's betas (``beta_schedule`` linear, scaled_linear, squaredcos_cap_v2, or ``trained_betas``),
 built by diffusers' own DDPMScheduler, become a VP diffusion on the exact discrete schedule:
 τ(t_k) = −log ᾱ_k at t_k = k / (N − 1) (:class:`fastmdm.schedules.TabulatedTau`), so diffusers' timestep
-k is fastmdm's time t_k — the labels t·(N − 1) of score_sde's DDPM models. ``set_timesteps(n)`` takes the
-n + 1 timesteps round(linspace(N − 1, 0, n + 1)); the model runs at the first n and the last step ends
-at timestep 0 (noise level sqrt(1 − ᾱ_0), like DPMSolverMultistepScheduler's final_sigmas_type
-"sigma_min"; fm.sample's end). Each ``step`` is one step of the fastmdm plan — "ei-ode" (multistep
+k is fastmdm's time t_k — the labels t·(N − 1) of score_sde's DDPM models. ``set_timesteps(n)`` takes
+n + 1 distinct integer timesteps from N − 1 down to 0: ``grid="logsnr"`` (default; fastmdm's grid, uniform
+in φ = log(e^τ − 1), rounded) or "linspace" (round(linspace(N − 1, 0, n + 1))); the model runs at the
+first n and the last step ends at timestep 0 (noise level sqrt(1 − ᾱ_0), like
+DPMSolverMultistepScheduler's final_sigmas_type "sigma_min"; fm.sample's end). A config's
+``timestep_spacing`` is not used. Each ``step`` is one step of the fastmdm plan — "ei-ode" (multistep
 ``solver_order`` 1–3) or "ancestral" (``eta`` 1 = DDPM, 0 = DDIM) — with the coefficients
 ``fm.sample`` uses, so a pipeline gives the samples of
 
@@ -30,12 +32,14 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from torch import Tensor
 
 from ..diffusion import vpsde
+from ..grids import time_grid
 from ..schedules import TabulatedTau
 from ..solvers import get_solver, transition_at
 from ..validation import check_choice, check_int, check_number
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 SOLVERS = ("ei-ode", "ancestral")
+GRIDS = ("logsnr", "linspace")
 
 
 class FastMDMScheduler(SchedulerMixin, ConfigMixin):
@@ -51,13 +55,14 @@ class FastMDMScheduler(SchedulerMixin, ConfigMixin):
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
-                 solver: str = "ei-ode", solver_order: int = 3, eta: float = 1.0,
+                 solver: str = "ei-ode", solver_order: int = 3, eta: float = 1.0, grid: str = "logsnr",
                  rescale_betas_zero_snr: bool = False):
         check_int(num_train_timesteps, "num_train_timesteps", minimum=2)
         check_choice(prediction_type, PREDICTION_TYPES, "prediction_type")
         check_choice(solver, SOLVERS, "solver")
         check_choice(solver_order, (1, 2, 3), "solver_order")
         check_number(eta, "eta", 0.0, 1.0)
+        check_choice(grid, GRIDS, "grid")
         if rescale_betas_zero_snr:
             raise ValueError("rescale_betas_zero_snr=True is not supported: a zero terminal SNR "
                              "(alphas_cumprod = 0) has no finite tau")
@@ -79,8 +84,8 @@ class FastMDMScheduler(SchedulerMixin, ConfigMixin):
     # -- the grid --------------------------------------------------------------------------------
     def set_timesteps(self, num_inference_steps: int | None = None, device=None,
                       timesteps: list[int] | None = None) -> None:
-        """n = ``num_inference_steps`` model timesteps round(linspace(N − 1, 0, n + 1))[:-1], or the given
-        strictly decreasing ``timesteps`` in [1, N − 1]; the grid ends at timestep 0."""
+        """n = ``num_inference_steps`` model timesteps on the config's grid, or the given strictly
+        decreasing ``timesteps`` in [1, N − 1]; the grid ends at timestep 0."""
         last = self.config.num_train_timesteps - 1
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("pass exactly one of num_inference_steps and timesteps")
@@ -88,7 +93,7 @@ class FastMDMScheduler(SchedulerMixin, ConfigMixin):
             n = check_int(num_inference_steps, "num_inference_steps")
             if n > last:
                 raise ValueError(f"num_inference_steps must be <= num_train_timesteps - 1 = {last}, got {n}")
-            steps = np.linspace(last, 0, n + 1).round().astype(np.int64)
+            steps = self._grid_timesteps(n)
         else:
             steps = np.append(np.asarray(timesteps, dtype=np.int64), 0)
             if steps.ndim != 1 or not ((np.diff(steps) < 0).all() and 0 < steps[0] <= last):
@@ -104,6 +109,15 @@ class FastMDMScheduler(SchedulerMixin, ConfigMixin):
         tk = transition_at(self.diffusion, self.grid)
         self._signal, self._noise = tk.mean_coef[:, 0, 0].tolist(), tk.chol[:, 0, 0].tolist()  # α, σ
         self._history, self._last_index = [], -1
+
+    def _grid_timesteps(self, n: int) -> np.ndarray:
+        """n + 1 distinct integer timesteps N − 1 = k_0 > … > k_n = 0 on the config's grid."""
+        last = self.config.num_train_timesteps - 1
+        if self.config.grid == "linspace":
+            return np.linspace(last, 0, n + 1).round().astype(np.int64)
+        rounded = (time_grid(self.diffusion, n, "logsnr").numpy()[::-1] * last).round().astype(np.int64)
+        up = np.arange(n + 1)  # distinct: at least one above the one below, one below the one above
+        return np.minimum(np.maximum.accumulate(rounded - up) + up, last - n + up)[::-1].copy()
 
     def _index(self, timestep) -> int:
         """Position of ``timestep`` in ``timesteps``; steps must come in order, each once."""
