@@ -34,6 +34,7 @@ from torch import Tensor
 from ..diffusion import vpsde
 from ..grids import time_grid
 from ..schedules import TabulatedTau
+from ..sde_step import sde_step
 from ..solvers import get_solver, transition_at
 from ..validation import check_choice, check_int, check_number
 
@@ -146,8 +147,6 @@ class FastMDMScheduler(SchedulerMixin, ConfigMixin):
     def step(self, model_output: Tensor, timestep, sample: Tensor, generator: torch.Generator | None = None,
              return_dict: bool = True):
         """One step of the plan from timestep t_n to t_{n+1}: (prev_sample, pred_original_sample x̂₀)."""
-        from ..kernels.sde_step import sde_step
-
         n = self._index(timestep)
         if n == 0:
             self._history = []
