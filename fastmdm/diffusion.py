@@ -108,11 +108,11 @@ class LinearDiffusion(nn.Module):
             if not (math.isfinite(beta_max) and beta_min + (beta_max - beta_min) * T > 0):
                 raise ValueError(f"beta_max must keep beta(t) > 0 on [0, T], got {beta_max}")
             schedule = LinearBeta(beta_min, beta_max)
-        if not all(hasattr(schedule, name) for name in ("beta", "tau", "tau_inverse", "key")):
+        if not all(hasattr(schedule, attr) for attr in ("beta", "tau", "tau_inverse", "key")):
             raise TypeError("schedule must provide beta, tau, tau_inverse and key (see fastmdm.schedules), "
                             f"got {type(schedule).__name__}")
         if not (0 <= t_min < T and math.isfinite(T)):
-            raise ValueError(f"need 0 < t_min < T, got t_min={t_min}, T={T}")
+            raise ValueError(f"need 0 <= t_min < T, got t_min={t_min}, T={T}")
         if not schedule.tau(torch.tensor(float(t_min), dtype=torch.float64)) > 0:
             raise ValueError(f"t_min must have tau(t_min) > 0 (the data sits at tau = 0), got t_min={t_min}")
         check_number(init_aux_var, "init_aux_var", 0.0, low_open=True)
