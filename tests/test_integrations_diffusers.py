@@ -184,6 +184,8 @@ def test_bad_input_is_named():
         scheduler.step(x, 302, x)
     with pytest.raises(ValueError, match="timestep 998"):
         scheduler.step(x, 998, x)
+    with pytest.raises(ValueError, match="model_output"):
+        scheduler.step(torch.cat([x, x], 1), 999, x)
     with pytest.raises(ValueError, match="num_inference_steps"):
         scheduler.set_timesteps(1000)
     with pytest.raises(ValueError, match="timesteps"):

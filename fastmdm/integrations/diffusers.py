@@ -147,6 +147,10 @@ class FastMDMScheduler(SchedulerMixin, ConfigMixin):
     def step(self, model_output: Tensor, timestep, sample: Tensor, generator: torch.Generator | None = None,
              return_dict: bool = True):
         """One step of the plan from timestep t_n to t_{n+1}: (prev_sample, pred_original_sample x̂₀)."""
+        if not (isinstance(model_output, Tensor) and model_output.shape == sample.shape):
+            got = getattr(model_output, "shape", type(model_output).__name__)
+            raise ValueError(f"model_output must be a tensor shaped like sample {tuple(sample.shape)}, got "
+                             f"{got} (a model that also predicts its variance: pass its first half)")
         n = self._index(timestep)
         if n == 0:
             self._history = []
