@@ -111,7 +111,9 @@ class LinearDiffusion(nn.Module):
         if not all(hasattr(schedule, attr) for attr in ("beta", "tau", "tau_inverse", "key")):
             raise TypeError("schedule must provide beta, tau, tau_inverse and key (see fastmdm.schedules), "
                             f"got {type(schedule).__name__}")
-        if not (0 <= t_min < T and math.isfinite(T)):
+        check_number(T, "T", 0.0, low_open=True)
+        check_number(t_min, "t_min", 0.0, T)
+        if not t_min < T:
             raise ValueError(f"need 0 <= t_min < T, got t_min={t_min}, T={T}")
         if not schedule.tau(torch.tensor(float(t_min), dtype=torch.float64)) > 0:
             raise ValueError(f"t_min must have tau(t_min) > 0 (the data sits at tau = 0), got t_min={t_min}")
