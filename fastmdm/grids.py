@@ -24,11 +24,12 @@ GRIDS = ("quadratic", "uniform", "logsnr")
 
 
 def time_grid(diffusion: LinearDiffusion, steps: int, kind: str = "quadratic",
-              t_min: float | None = None) -> Tensor:
-    """The N + 1 times t_0 = T > … > t_N = t_min (default: the diffusion's), N = ``steps`` (float64)."""
+              t_min: float | None = None, t_max: float | None = None) -> Tensor:
+    """The N + 1 times t_0 = t_max > … > t_N = t_min (defaults: the diffusion's T and t_min), N = ``steps``
+    (float64)."""
     steps = check_int(steps, "steps")
     check_choice(kind, GRIDS, "grid")
-    lo, hi = diffusion.t_min if t_min is None else t_min, diffusion.T
+    lo, hi = diffusion.t_min if t_min is None else t_min, diffusion.T if t_max is None else t_max
     frac = torch.arange(steps + 1, dtype=torch.float64) / steps
     if kind == "quadratic":
         t = hi - (hi - lo) * (1 - (1 - frac) ** 2)

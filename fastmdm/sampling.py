@@ -40,6 +40,7 @@ from .solvers import (
     check_ei_ode,
     check_eta,
     check_tolerances,
+    effective_horizon,
     ei_ode_plan,
     euler_maruyama_plan,
     get_solver,
@@ -106,12 +107,15 @@ def _check_t_min(diffusion: LinearDiffusion, t_min) -> float:
 
 
 def _times(diffusion: LinearDiffusion, solver: Solver, steps, grid, t_min: float) -> Tensor:
-    """The run's float64 grid T ≥ t_0 > … > t_N ≥ t_min: a named grid, or the user's tensor checked."""
+    """The run's float64 grid T ≥ t_0 > … > t_N ≥ t_min: a named grid from the effective horizon
+    t_0 = t_eff (``solvers.effective_horizon``), or the user's tensor checked."""
     if not isinstance(grid, Tensor):
         grid = solver.grid if grid is None else grid
         if grid not in GRIDS:
             raise ValueError(f"grid must be one of {GRIDS} or a 1-D tensor of times, got {grid!r}")
-        return time_grid(diffusion, check_int(solver.steps if steps is None else steps, "steps"), grid, t_min)
+        t_eff = effective_horizon(diffusion)
+        return time_grid(diffusion, check_int(solver.steps if steps is None else steps, "steps"), grid, t_min,
+                         t_eff if t_eff > t_min else diffusion.T)
     if grid.dim() != 1 or grid.numel() < 2 or not grid.is_floating_point():
         raise ValueError(f"grid must be a 1-D float tensor of at least 2 times, got shape "
                          f"{tuple(grid.shape)} and dtype {grid.dtype}")
@@ -365,7 +369,9 @@ def sample(model, diffusion: LinearDiffusion, shape=None, steps: int | None = No
 
     ``grid``: "quadratic", "uniform", "logsnr" (the solver's default) from T to ``t_min`` (default:
     the diffusion's) in ``steps`` steps (the solver's default), or a 1-D tensor of times, strictly
-    decreasing in [t_min, T]. ``denoise``: a final Tweedie step x̂₀ = E[x₀ | u_{t_min}] (one more
+    decreasing in [t_min, T]. A named grid starts at ``fastmdm.solvers.effective_horizon`` (T unless
+    the data is forgotten earlier, as with a large β_max: there p_t is the prior to 1e-6).
+    ``denoise``: a final Tweedie step x̂₀ = E[x₀ | u_{t_min}] (one more
     network call). ``progress``: a tqdm bar. ``callback(info)`` is called at the start (i = 0) and
     after every step with info = {"i", "t", "u" (the state at t), "denoised" (x̂₀ = E[x₀ | u] from
     the step's first network call, at its evaluation time; None at i = 0 and for "rk45"), "nfe"};

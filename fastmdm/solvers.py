@@ -35,6 +35,8 @@ from .transition import expm_and_gramian, expm_taylor
 from .validation import check_callable, check_choice, check_instance, check_int, check_number
 
 QUADRATURE_NODES = 16  # Gauss–Legendre nodes per step for the exponential-integrator integrals
+HORIZON_TOL = 1e-6  # ‖Σ∞^-½ M_t Σ∞^½‖₂ below which p_t is the prior (see effective_horizon)
+HORIZON_POINTS = 4096  # τ values scanned for it
 NOISES = ("rotated", "cholesky")
 
 
@@ -90,6 +92,28 @@ def psd_sqrt(S: Tensor) -> Tensor:
     S = 0.5 * (S + S.mT)
     lam, V = torch.linalg.eigh(S)
     return (V * lam.clamp_min(0).sqrt().unsqueeze(-2)) @ V.mT
+
+
+def effective_horizon(diffusion: LinearDiffusion) -> float:
+    """The earliest t ≤ T from which the forward process has forgotten the data: p_t = N(0, Σ∞).
+
+    With M = Σ∞^-½ M_t Σ∞^½ (docs/math.md §2), the hybrid marginal at t differs from the prior by a
+    mean M x₀ and a covariance deficit M (I − Σ₀Σ∞⁻¹) Mᵀ, so once ‖M‖₂ ≤ HORIZON_TOL for every later
+    t, KL(p_t ‖ prior) ≤ ½ HORIZON_TOL² (|x₀|² + K) per data coordinate, and a sampler may start
+    there. Samplers then spend no steps on [t_eff, T] — for a large β_max most of [t_min, T], where
+    huge steps in τ make the reverse-time flows expand like e^{Δτ} and every solver unstable.
+    T when the data is not forgotten by T (every built-in diffusion with β_max ≤ 20).
+    """
+    tau_T = float(diffusion.tau(torch.tensor(diffusion.T, dtype=torch.float64)))
+    tau = torch.linspace(0.0, tau_T, HORIZON_POINTS, dtype=torch.float64)
+    scale = diffusion.stationary_var.detach().cpu().sqrt()
+    M = flow(diffusion, tau, torch.zeros_like(tau)) * scale / scale[:, None]
+    remembered = (torch.linalg.matrix_norm(M, ord=2) > HORIZON_TOL).nonzero()
+    last = int(remembered[-1]) if remembered.numel() else 0
+    if last + 1 >= HORIZON_POINTS:
+        return diffusion.T
+    t_eff = float(diffusion.tau_inverse(tau[last + 1]))
+    return min(max(t_eff, diffusion.t_min), diffusion.T)
 
 
 def _gauss_legendre(rho_from: Tensor, rho_to: Tensor, m: int) -> tuple[Tensor, Tensor]:
@@ -388,7 +412,8 @@ def get_solver(name: str) -> Solver:
 
 __all__ = [
     "DEFAULT_SOLVER", "SOLVERS", "AdaptivePlan", "HeunPlan", "LinearPlan", "NOISES", "Solver", "SolverNames",
-    "adaptive_plan", "ancestral_plan", "check_ei_ode", "check_eta", "check_tolerances", "ei_ode_plan",
+    "adaptive_plan", "ancestral_plan", "check_ei_ode", "check_eta", "check_tolerances",
+    "effective_horizon", "ei_ode_plan",
     "euler_maruyama_plan", "flow", "get_solver", "heun_plan", "psd_sqrt", "register_solver", "sscs_plan",
     "transition_at",
 ]
