@@ -4,7 +4,7 @@ from . import _kernels_path, adapters  # noqa: F401  (_kernels_path first: fastm
 from .backend import get_backend, set_backend
 from .bpd import bits_per_dim, dequantize, logit_transform
 from .data import DataTransform, load_dataset
-from .diffusion import LinearDiffusion, alda, cld, learned, malda, vpsde
+from .diffusion import LinearDiffusion, alda, cld, cld_sgm, learned, malda, vpsde
 from .divergence import exact_divergence, hutchinson_divergence
 from .dsm import NoiseSeed
 from .fields import probability_flow_drift
@@ -33,6 +33,7 @@ __all__ = [
     "alda",
     "bits_per_dim",
     "cld",
+    "cld_sgm",
     "decode",
     "dequantize",
     "dsm_elbo",

@@ -104,9 +104,9 @@ class LinearDiffusion(nn.Module):
         K = self.K = Qm.shape[0]
         self.name = name
         if schedule is None:
-            check_number(beta_min, "beta_min", 0.0, low_open=True)
+            check_number(beta_min, "beta_min", 0.0)
             if not (math.isfinite(beta_max) and beta_min + (beta_max - beta_min) * T > 0):
-                raise ValueError(f"beta_max must keep beta(t) > 0 on [0, T], got {beta_max}")
+                raise ValueError(f"beta_max must keep beta(t) > 0 on (0, T], got {beta_max}")
             schedule = LinearBeta(beta_min, beta_max)
         if not all(hasattr(schedule, attr) for attr in ("beta", "tau", "tau_inverse", "key")):
             raise TypeError("schedule must provide beta, tau, tau_inverse and key (see fastmdm.schedules), "
@@ -407,6 +407,24 @@ def cld(aux_var: float = 1.0, **kwargs) -> LinearDiffusion:
     kwargs.setdefault("name", "cld")
     kwargs.setdefault("stationary_var", [1.0, aux_var])
     return LinearDiffusion([[0.0, -1.0], [1.0, 0.0]], [[0.0, 0.0], [0.0, gamma]], **kwargs)
+
+
+def cld_sgm(mass: float = 0.25, Gamma: float | None = None, beta0: float = 4.0, beta1: float = 0.0,
+            gamma: float = 0.04, **kwargs) -> LinearDiffusion:
+    """CLD in CLD-SGM's parameters (Dockhorn et al.; their config's m_inv = 1/M, beta0, beta1, gamma).
+
+    dx = M⁻¹β v dt, dv = −β x dt − Γ M⁻¹β v dt + sqrt(2Γβ) dW, β(t) = beta0 + beta1·t (constant for
+    beta1 = 0; beta0 = 0 allowed when beta1 > 0): Q = [[0, −1], [1, 0]], D = diag(0, Γ),
+    Σ∞ = diag(1, M), velocity start N(0, γM). ``Gamma``: the friction, default critical damping 2√M
+    (CLD-SGM's f = 2/sqrt(m_inv)). The defaults are its toy and CIFAR-10 configs.
+    """
+    check_number(mass, "mass", 0.0, low_open=True)
+    check_number(gamma, "gamma", 0.0, low_open=True)
+    Gamma = 2.0 * math.sqrt(mass) if Gamma is None else check_number(Gamma, "Gamma", 0.0, low_open=True)
+    kwargs.setdefault("name", "cld_sgm")
+    return LinearDiffusion([[0.0, -1.0], [1.0, 0.0]], [[0.0, 0.0], [0.0, Gamma]], beta_min=beta0,
+                           beta_max=beta0 + beta1, stationary_var=[1.0, mass], init_aux_var=gamma * mass,
+                           **kwargs)
 
 
 def alda(aux_var: float = 1.0, gamma: float = 1.0, psi: float = 1.0, **kwargs) -> LinearDiffusion:

@@ -9,6 +9,7 @@ s = ∇ log p_t and the Cholesky noise ε̂ = −L_tᵀ s are affine in the netw
     "eps"    ε̂ (K vars)     −L⁻ᵀ          0           I           0
     "score"  s (K vars)     I             0           −Lᵀ         0
     "x0"     x̂₀ (1 var)     Σ⁻¹ a         −Σ⁻¹        −L⁻¹ a      L⁻¹
+    "velocity_score"  s_v (var 1)  e₁     0           −Lᵀ e₁      0     (D s only; CLD-SGM)
 
 (x0 by Tweedie: a x̂₀ = u + Σ s). The K×K blocks are float64 per time, None for I (out) or 0
 (state). The denoised estimate from ε̂ is the GLS projection of u + Σ s = L(L⁻¹u − ε̂) onto the
@@ -52,6 +53,10 @@ class Parameterization:
     name: str = ""
     output_variable: int | None = None
     needs_kernel: bool = True
+    full_score: bool = True  # False: the output determines only D·s (see VelocityScorePrediction)
+
+    def check_diffusion(self, diffusion) -> None:
+        """Raise ValueError if this kind cannot describe the score of ``diffusion``."""
 
     def check_output(self, out, u: Tensor, name: str = "model output") -> Tensor:
         """``out`` if it is a tensor shaped like the state u (or, for one-variable kinds, (B, *data))."""
@@ -129,7 +134,36 @@ class DataPrediction(Parameterization):
         return -apply_kk(tk.chol_inv_t, apply_kk(tk.chol_inv_t.mT, resid))
 
 
-_KINDS = {kind.name: kind for kind in (NoisePrediction(), ScorePrediction(), DataPrediction())}
+class VelocityScorePrediction(Parameterization):
+    """y = s_v, the velocity component of the score only (CLD-SGM's networks, output (B, *data)).
+
+    s is taken as (0, s_v): wrong in x, but D s is exact when D = diag(0, Γ), so everything that
+    sees the score only through D s is exact — the reverse SDE, the probability-flow drift and its
+    divergence (euler-maruyama, sscs, heun, rk45, the likelihood). ε̂ = −Lᵀ s is not ε̂: samplers
+    and objectives that need the whole score refuse this kind (``full_score = False``).
+    """
+
+    name = "velocity_score"
+    output_variable = 1
+    full_score = False
+
+    def check_diffusion(self, diffusion) -> None:
+        D = diffusion.D.detach()
+        if diffusion.K != 2 or D[0].abs().max() > 0 or D[1, 1] <= 0:
+            raise ValueError("prediction 'velocity_score' needs a K = 2 diffusion with D = diag(0, Gamma) "
+                             f"(CLD, fm.cld_sgm), got {diffusion.name!r} with K = {diffusion.K}")
+
+    def score_map(self, tk):
+        out = tk.chol.new_zeros(*tk.chol.shape[:-1], 1)
+        out[..., 1, 0] = 1.0
+        return AffineMap(out, None)
+
+    def eps_map(self, tk):
+        return AffineMap(-tk.chol.mT[..., :, 1:2], None)
+
+
+_KINDS = {kind.name: kind for kind in (NoisePrediction(), ScorePrediction(), DataPrediction(),
+                                       VelocityScorePrediction())}
 PREDICTIONS = tuple(_KINDS)
 
 

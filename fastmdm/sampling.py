@@ -66,7 +66,22 @@ def resolve_model(model, diffusion: LinearDiffusion, prediction: str | None) -> 
         model = bind(diffusion)
     if prediction is None:
         prediction = getattr(model, "prediction", "eps")
-    return model, get_parameterization(prediction).name
+    param = get_parameterization(prediction)
+    param.check_diffusion(diffusion)
+    return model, param.name
+
+
+def _check_full_score(prediction: str, solver: str, entry: Solver, corrector, denoise: bool) -> None:
+    """A prediction that gives only D·s (CLD-SGM's velocity score) runs only where that suffices."""
+    if get_parameterization(prediction).full_score:
+        return
+    usable = [name for name in SOLVERS if not get_solver(name).full_score]
+    if entry.full_score:
+        raise ValueError(f"solver {solver!r} needs the whole score, but prediction {prediction!r} gives only "
+                         f"D·s (e.g. CLD-SGM's velocity score); use one of the solvers {usable}")
+    if corrector is not None or denoise:
+        raise ValueError(f"corrector={corrector!r} and denoise={denoise} need the whole score, but "
+                         f"prediction {prediction!r} gives only D·s: pass corrector=None, denoise=False")
 
 
 def _check_shape(shape) -> tuple[int, ...]:
@@ -225,7 +240,7 @@ class Loop:
             u = self.corrector(u, n + 1)
         self.bar.update()
         denoised = None
-        if self.callback is not None and eps is not None:
+        if self.callback is not None and eps is not None and self.net.param.full_score:
             if self._denoiser is None:
                 self._denoiser = _Denoiser(self.diffusion, self.eval_times, u)
             denoised = self._denoiser(n, u_eval, eps)
@@ -332,14 +347,15 @@ def _langevin_corrector(net: _Network, diffusion: LinearDiffusion, times: Tensor
     return correct
 
 
-register_solver(Solver("euler-maruyama", euler_maruyama_plan, run_linear, steps=500, grid="quadratic"))
+register_solver(Solver("euler-maruyama", euler_maruyama_plan, run_linear, steps=500, grid="quadratic",
+                       full_score=False))
 register_solver(Solver("ei-ode", ei_ode_plan, run_linear, options={"order": 3, "noise": "rotated"},
                        check=check_ei_ode))
 register_solver(Solver("ancestral", ancestral_plan, run_linear, options={"eta": 1.0}, check=check_eta))
-register_solver(Solver("heun", heun_plan, run_heun, nfe_per_step=2))
+register_solver(Solver("heun", heun_plan, run_heun, nfe_per_step=2, full_score=False))
 register_solver(Solver("rk45", adaptive_plan, run_adaptive, options={"rtol": 1e-4, "atol": 1e-4},
-                       check=check_tolerances, corrector=False))
-register_solver(Solver("sscs", sscs_plan, run_linear))
+                       check=check_tolerances, corrector=False, full_score=False))
+register_solver(Solver("sscs", sscs_plan, run_linear, full_score=False))
 
 
 @staged("sample")
@@ -353,7 +369,9 @@ def sample(model, diffusion: LinearDiffusion, shape=None, steps: int | None = No
     """Draw samples of the data x from ``model`` under ``diffusion``; returns x (B, *data_shape).
 
     model(u, t, **extra_args): u (B, K, *data_shape), t (B,) in the state's dtype; predicts
-    ``prediction`` ("eps", "score", "x0"; default: the adapter's, else "eps"). The state starts at
+    ``prediction`` ("eps", "score", "x0"; default: the adapter's, else "eps"; "velocity_score", CLD-SGM's
+    velocity-only score, runs the solvers that need only D·s: euler-maruyama, sscs, heun, rk45).
+    The state starts at
     ``x_T`` (B, K, *data_shape) if given (then ``shape`` may be omitted), else at a prior draw in
     torch's default dtype on ``device`` (default: the diffusion's). Runs under torch.no_grad.
 
@@ -364,7 +382,8 @@ def sample(model, diffusion: LinearDiffusion, shape=None, steps: int | None = No
     data law — or "cholesky"); "ancestral" (exact Gaussian posterior step, ``eta`` ∈ [0, 1]; 1 =
     DDPM, 0 = DDIM); "heun" (2 NFE per step, probability-flow ODE in log τ); "rk45" (adaptive
     Dormand–Prince with ``rtol``/``atol``; ``steps`` only sets the reported grid); "sscs"
-    (symmetric splitting, Dockhorn et al.). ``corrector="langevin"`` adds ``corrector_steps``
+    (symmetric splitting as published by Dockhorn et al.: the score at each step's start).
+    ``corrector="langevin"`` adds ``corrector_steps``
     preconditioned Langevin steps with target ``snr`` after each step.
 
     ``grid``: "quadratic", "uniform", "logsnr" (the solver's default) from T to ``t_min`` (default:
@@ -374,7 +393,8 @@ def sample(model, diffusion: LinearDiffusion, shape=None, steps: int | None = No
     ``denoise``: a final Tweedie step x̂₀ = E[x₀ | u_{t_min}] (one more
     network call). ``progress``: a tqdm bar. ``callback(info)`` is called at the start (i = 0) and
     after every step with info = {"i", "t", "u" (the state at t), "denoised" (x̂₀ = E[x₀ | u] from
-    the step's first network call, at its evaluation time; None at i = 0 and for "rk45"), "nfe"};
+    the step's first network call, at its evaluation time; None at i = 0, for "rk45" and for a velocity-only
+    score), "nfe"};
     the last call's "u" is the state at the grid's end, before any denoising.
 
     CUDA graphs: for the fixed-grid solvers without corrector or callback the loop makes no host
@@ -392,6 +412,7 @@ def sample(model, diffusion: LinearDiffusion, shape=None, steps: int | None = No
     if callback is not None:
         check_callable(callback, "callback", "callback(info)")
     model, prediction = resolve_model(model, diffusion, prediction)
+    _check_full_score(prediction, solver, entry, corrector, denoise)
     model = _with_extra_args(model, extra_args)
     shape, device = _check_start(diffusion, shape, x_T, device)
     times = _times(diffusion, entry, steps, grid, _check_t_min(diffusion, t_min))
