@@ -128,6 +128,23 @@ def test_kernel_matches_cld_sgm(cfg, t):
     assert torch.allclose(tk.mean_coef[0, :, 0], torch.tensor([mean_x_coef, mean_v_coef], dtype=torch.float64))
 
 
+def test_velocity_score_kind_gives_d_s():
+    """s = (0, s_v): D s exact, and D L⁻ᵀ ε̂ = −D s through its ε̂ map."""
+    d = _diffusion(TOY)
+    t = torch.tensor([0.01, 0.2, 0.9], dtype=torch.float64)
+    tk = d.transition_f64(t)
+    u = torch.randn(3, 2, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    score = torch.randn(3, 2, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    param = get_parameterization("velocity_score")
+    y = param.output(score[:, 1], u)
+    assert y.shape == (3, 1, 5) and torch.equal(param.output(score, u), y)
+    Ds = torch.einsum("kl,bl...->bk...", d.D, score)
+    assert torch.allclose(torch.einsum("kl,bl...->bk...", d.D, param.score(y, u, tk)), Ds)
+    eps = param.eps_map(tk).apply(y, u)
+    assert torch.allclose(-torch.einsum("bkl,bl...->bk...", d.D @ tk.chol_inv_t, eps), Ds, atol=1e-12)
+    assert not param.full_score
+
+
 def test_noise_multiplier_includes_numerical_eps():
     """Toy config at t = 1e-3: CLD-SGM's multiplier is −12.80, the exact −1/L₂₂ is −19.94."""
     d = _diffusion(TOY)

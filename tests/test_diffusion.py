@@ -57,7 +57,7 @@ def test_invalid_pairs_name_the_violation(Q, D, match):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"beta_min": 0.0}, "beta_min"),
+        ({"beta_min": -0.1}, "beta_min"),  # 0 is allowed: beta > 0 on (0, T]
         ({"beta_max": -50.0}, "beta_max"),
         ({"t_min": 0.0}, "t_min"),
         ({"t_min": 2.0}, "t_min"),
