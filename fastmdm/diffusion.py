@@ -7,6 +7,7 @@ float64; data tensors keep the caller's dtype.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 
@@ -194,6 +195,16 @@ class LinearDiffusion(nn.Module):
         """
         tau = self.tau(t)
         return tau + torch.log(-torch.expm1(-tau))
+
+    def with_t_min(self, t_min) -> LinearDiffusion:
+        """This diffusion ending at another t_min (None: itself); Q, D and parameters are shared."""
+        if t_min is None:
+            return self
+        if isinstance(t_min, bool) or not isinstance(t_min, (int, float)) or not 0 < t_min < self.T:
+            raise ValueError(f"t_min must be a number in (0, T = {self.T}), got {t_min!r}")
+        other = copy.copy(self)
+        other.t_min = float(t_min)
+        return other
 
     def check_time(self, t, batch: int | None = None, device=None, name: str = "t") -> Tensor:
         """Validate t ∈ [t_min, T]; return it as a float64 tensor of shape (batch,) on ``device``.

@@ -37,7 +37,7 @@ from .divergence import DISTRIBUTIONS, MODES
 from .fields import ProbabilityFlow
 from .ode import odeint_adaptive, odeint_fixed
 from .ops import data_dim, draw_seed, sum_data
-from .validation import check_choice, check_finite, check_int
+from .validation import check_choice, check_finite, check_instance, check_int
 
 METHODS = ("rk45", "euler", "heun", "rk4")
 
@@ -63,7 +63,8 @@ def ode_log_likelihood(model, diffusion: LinearDiffusion, x0: Tensor, prediction
                        probes: int = 1, distribution: str = "rademacher", mode: str = "jvp",
                        method: str = "rk45", steps: int | None = None, aux_samples: int = 1,
                        generator: torch.Generator | None = None,
-                       chunk_size: int | None = None) -> tuple[Tensor, int]:
+                       chunk_size: int | None = None, t_min: float | None = None,
+                       v0: Tensor | None = None) -> tuple[Tensor, int]:
     """log p(x) per sample in nats, float64 (B,), and the NFE, through the probability-flow ODE.
 
     Integrates (u, ℓ) with du/dt = h(u, t), dℓ/dt = ∇·h from u(t_min) = (x, v₀) to T, and
@@ -75,8 +76,11 @@ def ode_log_likelihood(model, diffusion: LinearDiffusion, x0: Tensor, prediction
     ODE is deterministic and the estimate of log p unbiased. ``method``: "rk45" (adaptive
     Dormand–Prince with rtol/atol) or "euler" / "heun" / "rk4" with ``steps`` steps on
     :func:`likelihood_grid`. NFE: evaluations of (h, ∇·h), each one batched network JVP (or
-    VJP) over B·aux_samples states and every probe.
+    VJP) over B·aux_samples states and every probe. ``t_min``: where u₀ sits (default: the
+    diffusion's). ``v0`` (B, K − 1, *data_shape): the auxiliary start instead of a draw (one
+    sample, aux_samples = 1), as CLD-SGM evaluates; the result is still log p(x, v₀) − log q(v₀).
     """
+    diffusion = check_instance(diffusion, LinearDiffusion, "diffusion").with_t_min(t_min)
     flow = ProbabilityFlow(model, diffusion, prediction)
     diffusion.check_data(x0, "hybrid")
     check_finite(x0, "x0")
@@ -84,8 +88,15 @@ def ode_log_likelihood(model, diffusion: LinearDiffusion, x0: Tensor, prediction
     B, K, d = x0.shape[0], diffusion.K, data_dim(x0.shape)
     x = x0.repeat(aux_samples, *([1] * (x0.dim() - 1)))  # (S·B, *data), sample-major
     aux_std = math.sqrt(diffusion.init_aux_var)
-    v0 = torch.randn((x.shape[0], K - 1, *x.shape[1:]), dtype=x.dtype, device=x.device,
-                     generator=generator) * aux_std
+    aux_shape = (x.shape[0], K - 1, *x.shape[1:])
+    if v0 is None:
+        v0 = torch.randn(aux_shape, dtype=x.dtype, device=x.device, generator=generator) * aux_std
+    else:
+        if not (isinstance(v0, Tensor) and tuple(v0.shape) == aux_shape and aux_samples == 1):
+            raise ValueError(f"v0 must be a tensor of shape {aux_shape} (with aux_samples=1), got "
+                             f"{tuple(v0.shape) if isinstance(v0, Tensor) else type(v0).__name__}")
+        check_finite(v0, "v0")
+        v0 = v0.to(x.dtype)
     u0 = torch.cat([x.unsqueeze(1), v0], dim=1)
     log_q = -0.5 * sum_data(v0.to(torch.float64) ** 2) / diffusion.init_aux_var \
         - (K - 1) * d * 0.5 * math.log(2 * math.pi * diffusion.init_aux_var)

@@ -34,7 +34,10 @@ def _check_inputs(diffusion: LinearDiffusion, x0: Tensor, prediction: str = "eps
     check_instance(diffusion, LinearDiffusion, "diffusion")
     diffusion.check_data(x0, "hybrid")
     check_finite(x0, "x0")
-    return get_parameterization(prediction)
+    parameterization = get_parameterization(prediction)
+    if not parameterization.full_score:  # the t_min offset needs the whole score
+        raise ValueError(f"prediction {prediction!r} gives only D·s; the ELBOs need the whole score")
+    return parameterization
 
 
 def _network_output(model, parameterization: Parameterization, u: Tensor, t64: Tensor) -> Tensor:
@@ -57,12 +60,14 @@ def dsm_weight(diffusion: LinearDiffusion, t64: Tensor, tk: TransitionKernel) ->
 
 
 def noise_prediction_loss(model, diffusion: LinearDiffusion, x0: Tensor, t=None,
-                          generator: torch.Generator | None = None) -> Tensor:
+                          generator: torch.Generator | None = None, t_min: float | None = None) -> Tensor:
     """‖ε̂(u_t, t) − ε‖² summed over K and data dims, t ~ U[t_min, T]; shape (B,).
 
     The weighted DSM pass with W = 2I: on the Triton path ε is regenerated, never stored.
+    ``t_min``: this call's (default: the diffusion's).
     """
     parameterization = _check_inputs(diffusion, x0)
+    diffusion = diffusion.with_t_min(t_min)
     t64, _ = _time(diffusion, x0, t, False, generator)
     tk = diffusion.transition_f64(t64, "hybrid")
     u, eps = diffusion.perturb_with_kernel(x0, tk, "hybrid", generator, store_noise=False)
@@ -148,12 +153,15 @@ def _elbo_terms(model, diffusion, x0, parameterization, importance, generator, t
 
 
 def dsm_elbo(model, diffusion: LinearDiffusion, x0: Tensor, prediction: str = "eps",
-             importance: bool = True, t=None, generator: torch.Generator | None = None) -> Tensor:
+             importance: bool = True, t=None, generator: torch.Generator | None = None,
+             t_min: float | None = None) -> Tensor:
     """Negative ELBO per sample (nats, (B,)) with the denoising score-matching integrand.
 
-    One draw of t (importance-sampled by default, estimate g(t)/p(t)) and one of u_t.
+    One draw of t (importance-sampled by default, estimate g(t)/p(t)) and one of u_t, on
+    [t_min, T] (``t_min``: this call's, default the diffusion's).
     """
     parameterization = _check_inputs(diffusion, x0, prediction)
+    diffusion = diffusion.with_t_min(t_min)
     d = data_dim(x0.shape)
 
     def integrand(u, eps, t64, tk):
@@ -175,14 +183,15 @@ def dsm_elbo(model, diffusion: LinearDiffusion, x0: Tensor, prediction: str = "e
 
 def ism_elbo(model, diffusion: LinearDiffusion, x0: Tensor, prediction: str = "eps",
              probes: int = 1, importance: bool = True, t=None,
-             generator: torch.Generator | None = None) -> Tensor:
+             generator: torch.Generator | None = None, t_min: float | None = None) -> Tensor:
     """Negative ELBO per sample (nats, (B,)) with the implicit score-matching integrand.
 
     ∇·(2βD s) by Hutchinson with ``probes`` Rademacher probes in one batched JVP, the mixing
     2βD C_y (C_y = −L_t⁻ᵀ for noise prediction) folded into the probe reduction
-    (fastmdm.fields.score_linear_field); differentiable.
+    (fastmdm.fields.score_linear_field); differentiable. ``t_min``: as in :func:`dsm_elbo`.
     """
     parameterization = _check_inputs(diffusion, x0, prediction)
+    diffusion = diffusion.with_t_min(t_min)
     check_int(probes, "probes")
     d = data_dim(x0.shape)
 

@@ -206,6 +206,8 @@ def test_solvers_needing_the_whole_score_refuse(solver):
         fm.sample(adapter, d, (4, 2), solver="sscs", denoise=True)
     with pytest.raises(ValueError, match="K = 2"):
         fm.sample(adapter, fm.malda(3), (4, 2), solver="sscs")
+    with pytest.raises(ValueError, match="the ELBOs need the whole score"):
+        fm.dsm_elbo(adapter.bind(d), d, torch.zeros(4, 2) + 0.5, prediction="velocity_score")
 
 
 def test_likelihood_with_the_velocity_score():
@@ -244,3 +246,40 @@ def test_sscs_matches_cld_sgm(grid):
         u = torch.einsum("kl,bl...->bk...", plan.phi[n], u) + torch.einsum("kl,bl...->bk...", plan.gamma[n, 0], eps)
     expected = ref.sscs_mean_path(u0, times.tolist(), lambda u, t: velocity(u, torch.full((16,), t, dtype=torch.float64))[:, 1])
     assert torch.allclose(u, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_t_min_per_call_in_the_objectives_and_the_likelihood():
+    """CLD-SGM evaluates one SDE at t_min 1e-5 (likelihood) and 1e-3 (sampling): t_min per call equals a
+    diffusion built with that t_min."""
+    d, d_low = _diffusion(TOY), fm.cld_sgm(beta0=4.0, t_min=1e-5)
+    mixture = _mixture()
+    model = exact_score_model(mixture, d_low)
+    x = mixture.sample(8, torch.Generator().manual_seed(7), dtype=torch.float64)
+    for objective in (fm.dsm_elbo, fm.ism_elbo, fm.noise_prediction_loss):
+        per_call = objective(model, d, x, generator=torch.Generator().manual_seed(8), t_min=1e-5)
+        built = objective(model, d_low, x, generator=torch.Generator().manual_seed(8))
+        assert torch.equal(per_call, built), objective.__name__
+    options = dict(exact_divergence=True, method="rk4", steps=8)
+    per_call = fm.ode_log_likelihood(model, d, x, generator=torch.Generator().manual_seed(9), t_min=1e-5,
+                                     **options)
+    built = fm.ode_log_likelihood(model, d_low, x, generator=torch.Generator().manual_seed(9), **options)
+    assert torch.equal(per_call[0], built[0])
+    assert d.t_min == 1e-3
+    with pytest.raises(ValueError, match="t_min"):
+        fm.dsm_elbo(model, d, x, t_min=2.0)
+
+
+def test_likelihood_takes_the_auxiliary_start():
+    d = _diffusion(TOY)
+    mixture = _mixture()
+    model = exact_score_model(mixture, d)
+    x = mixture.sample(8, torch.Generator().manual_seed(7), dtype=torch.float64)
+    v0 = torch.randn(8, 1, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    options = dict(exact_divergence=True, method="rk4", steps=8)
+    given = fm.ode_log_likelihood(model, d, x, v0=v0 * d.init_aux_var**0.5, **options)[0]
+    drawn = fm.ode_log_likelihood(model, d, x, generator=torch.Generator().manual_seed(10), **options)[0]
+    assert torch.allclose(given, drawn, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="v0 must be a tensor of shape"):
+        fm.ode_log_likelihood(model, d, x, v0=v0[:, :, :1], **options)
+    with pytest.raises(ValueError, match="aux_samples=1"):
+        fm.ode_log_likelihood(model, d, x, v0=v0, aux_samples=2, **options)
