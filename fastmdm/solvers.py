@@ -30,13 +30,15 @@ from torch import Tensor
 
 from .diffusion import LinearDiffusion
 from .grids import GRIDS
-from .noise_frame import rotation
+from .noise_frame import diffusion_key, rotation
 from .transition import expm_and_gramian, expm_taylor
 from .validation import check_callable, check_choice, check_instance, check_int, check_number
 
 QUADRATURE_NODES = 16  # Gauss–Legendre nodes per step for the exponential-integrator integrals
 HORIZON_TOL = 1e-6  # ‖Σ∞^-½ M_t Σ∞^½‖₂ below which p_t is the prior (see effective_horizon)
-HORIZON_POINTS = 4096  # τ values scanned for it
+HORIZON_POINTS = 512  # τ values scanned for it
+_HORIZON_CACHE_SIZE = 64
+_horizons: dict = {}
 NOISES = ("rotated", "cholesky")
 
 
@@ -98,22 +100,31 @@ def effective_horizon(diffusion: LinearDiffusion) -> float:
     """The earliest t ≤ T from which the forward process has forgotten the data: p_t = N(0, Σ∞).
 
     With M = Σ∞^-½ M_t Σ∞^½ (docs/math.md §2), the hybrid marginal at t differs from the prior by a
-    mean M x₀ and a covariance deficit M (I − Σ₀Σ∞⁻¹) Mᵀ, so once ‖M‖₂ ≤ HORIZON_TOL for every later
+    mean M x₀ and a covariance deficit M (I − Σ₀Σ∞⁻¹) Mᵀ, so once ‖M‖ ≤ HORIZON_TOL for every later
     t, KL(p_t ‖ prior) ≤ ½ HORIZON_TOL² (|x₀|² + K) per data coordinate, and a sampler may start
     there. Samplers then spend no steps on [t_eff, T] — for a large β_max most of [t_min, T], where
     huge steps in τ make the reverse-time flows expand like e^{Δτ} and every solver unstable.
-    T when the data is not forgotten by T (every built-in diffusion with β_max ≤ 20).
+    T when the data is not forgotten by T (every built-in diffusion with β_max ≤ 20). ‖M‖ is
+    checked (Frobenius, ≥ ‖M‖₂) on HORIZON_POINTS values of τ; cached per diffusion.
     """
-    tau_T = float(diffusion.tau(torch.tensor(diffusion.T, dtype=torch.float64)))
-    tau = torch.linspace(0.0, tau_T, HORIZON_POINTS, dtype=torch.float64)
-    scale = diffusion.stationary_var.detach().cpu().sqrt()
-    M = flow(diffusion, tau, torch.zeros_like(tau)) * scale / scale[:, None]
-    remembered = (torch.linalg.matrix_norm(M, ord=2) > HORIZON_TOL).nonzero()
-    last = int(remembered[-1]) if remembered.numel() else 0
-    if last + 1 >= HORIZON_POINTS:
-        return diffusion.T
-    t_eff = float(diffusion.tau_inverse(tau[last + 1]))
-    return min(max(t_eff, diffusion.t_min), diffusion.T)
+    key = diffusion_key(diffusion)
+    if key not in _horizons:
+        tau_T = float(diffusion.tau(torch.tensor(diffusion.T, dtype=torch.float64)))
+        tau = torch.linspace(0.0, tau_T, HORIZON_POINTS, dtype=torch.float64)
+        scale = diffusion.stationary_var.detach().cpu().sqrt()
+        step = flow(diffusion, tau[1:2], tau[:1])[0] * scale / scale[:, None]  # M(τ_k) = M(τ_1)^k
+        norms, M = [], torch.eye(diffusion.K, dtype=torch.float64)
+        for _ in range(HORIZON_POINTS):
+            norms.append(float(M.norm()))
+            M = step @ M
+        last = max(k for k, norm in enumerate(norms) if norm > HORIZON_TOL)  # τ = 0 always remembers
+        t_eff = diffusion.T
+        if last + 1 < HORIZON_POINTS:
+            t_eff = min(max(float(diffusion.tau_inverse(tau[last + 1])), diffusion.t_min), diffusion.T)
+        if len(_horizons) >= _HORIZON_CACHE_SIZE:
+            _horizons.pop(next(iter(_horizons)))
+        _horizons[key] = t_eff
+    return _horizons[key]
 
 
 def _gauss_legendre(rho_from: Tensor, rho_to: Tensor, m: int) -> tuple[Tensor, Tensor]:
