@@ -99,7 +99,7 @@ def psd_sqrt(S: Tensor) -> Tensor:
 def effective_horizon(diffusion: LinearDiffusion) -> float:
     """The earliest t ≤ T from which the forward process has forgotten the data: p_t = N(0, Σ∞).
 
-    With M = Σ∞^-½ M_t Σ∞^½ (docs/math.md §2), the hybrid marginal at t differs from the prior by a
+    With M = Σ∞^-½ M_t Σ∞^½ (docs/math.md §7), the hybrid marginal at t differs from the prior by a
     mean M x₀ and a covariance deficit M (I − Σ₀Σ∞⁻¹) Mᵀ, so once ‖M‖ ≤ HORIZON_TOL for every later
     t, KL(p_t ‖ prior) ≤ ½ HORIZON_TOL² (|x₀|² + K) per data coordinate, and a sampler may start
     there. Samplers then spend no steps on [t_eff, T] — for a large β_max most of [t_min, T], where
