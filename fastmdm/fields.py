@@ -90,6 +90,7 @@ class ProbabilityFlow:
         check_instance(diffusion, LinearDiffusion, "diffusion")
         self.model, self.diffusion = model, diffusion
         self.parameterization = get_parameterization(prediction)
+        self.parameterization.check_diffusion(diffusion)
 
     def _evaluate(self, u: Tensor, t, divergence: dict | None) -> FieldEvaluation:
         self.diffusion.check_state(u)

@@ -220,6 +220,8 @@ def test_likelihood_with_the_velocity_score():
             for model, prediction in ((adapter, "velocity_score"),
                                       (exact_score_model(mixture, d, "score"), "score"))]
     assert torch.allclose(logp[0], logp[1], rtol=1e-8, atol=1e-8)
+    with pytest.raises(ValueError, match="K = 2"):
+        fm.ode_log_likelihood(adapter, fm.malda(3), x, "velocity_score")
 
 
 @pytest.mark.parametrize("grid", ["quadratic", "uniform"])
