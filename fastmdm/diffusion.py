@@ -167,13 +167,18 @@ class LinearDiffusion(nn.Module):
     # -- time -----------------------------------------------------------------------------
     @property
     def beta_min(self) -> float:
-        """β_min of the linear schedule (a :class:`~fastmdm.schedules.LinearBeta`)."""
-        return self.schedule.beta_min
+        """β at the schedule's start (LinearBeta's β_min; a TabulatedTau's first rate)."""
+        return self._schedule_value("beta_min")
 
     @property
     def beta_max(self) -> float:
-        """β_max of the linear schedule (a :class:`~fastmdm.schedules.LinearBeta`)."""
-        return self.schedule.beta_max
+        """β at the schedule's end (LinearBeta's β_max; a TabulatedTau's last rate)."""
+        return self._schedule_value("beta_max")
+
+    def _schedule_value(self, name: str) -> float:
+        if not hasattr(self.schedule, name):  # an AttributeError here would read as the diffusion's own
+            raise TypeError(f"{name} is not defined for the schedule {self.schedule!r}; use beta(t)")
+        return getattr(self.schedule, name)
 
     def beta(self, t: Tensor) -> Tensor:
         """β(t), the schedule's rate (β_min + (β_max − β_min) t by default)."""

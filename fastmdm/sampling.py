@@ -364,7 +364,7 @@ def sample(model, diffusion: LinearDiffusion, shape=None, steps: int | None = No
            generator: torch.Generator | None = None, progress: bool = False, *,
            x_T: Tensor | None = None, grid: str | Tensor | None = None, t_min: float | None = None,
            extra_args: dict | None = None, callback: Callable[[dict], None] | None = None,
-           corrector: str | None = None, snr: float = 0.16, corrector_steps: int = 1, denoise: bool = False,
+           corrector: str | None = None, snr: float = 0.16, corrector_steps: int = 1, denoise: bool | None = None,
            device=None, **options) -> Tensor:
     """Draw samples of the data x from ``model`` under ``diffusion``; returns x (B, *data_shape).
 
@@ -390,12 +390,14 @@ def sample(model, diffusion: LinearDiffusion, shape=None, steps: int | None = No
     the diffusion's) in ``steps`` steps (the solver's default), or a 1-D tensor of times, strictly
     decreasing in [t_min, T]. A named grid starts at ``fastmdm.solvers.effective_horizon`` (T unless
     the data is forgotten earlier, as with a large β_max: there p_t is the prior to 1e-6).
-    ``denoise``: a final Tweedie step x̂₀ = E[x₀ | u_{t_min}] (one more
-    network call). ``progress``: a tqdm bar. ``callback(info)`` is called at the start (i = 0) and
-    after every step with info = {"i", "t", "u" (the state at t), "denoised" (x̂₀ = E[x₀ | u] from
-    the step's first network call, at its evaluation time; None at i = 0, for "rk45" and for a velocity-only
-    score), "nfe"};
-    the last call's "u" is the state at the grid's end, before any denoising.
+    ``denoise`` (default: True, the end k-diffusion and diffusers return, but False for a
+    velocity-only score, which cannot give it): the sample is x̂₀ = E[x₀ | u_{t_min}], Tweedie from
+    one more network call at the grid's end, so NFE = steps × the solver's NFE per step (+ corrector
+    calls) + 1; False returns x of the state at t_min (docs/solvers.md, "The end of sampling"). ``progress``: a tqdm bar. ``callback(info)`` is called
+    at the start (i = 0) and after every step with info = {"i", "t", "u" (the state at t), "denoised"
+    (x̂₀ = E[x₀ | u] from the step's first network call, at its evaluation time; None at i = 0, for
+    "rk45" and for a velocity-only score), "nfe"}; the last call's "u" is the state at the grid's
+    end, and its "nfe" leaves out the denoising call.
 
     CUDA graphs: for the fixed-grid solvers without corrector or callback the loop makes no host
     synchronisation and no shape changes; coefficients, times and per-step noise seeds are device
@@ -412,6 +414,8 @@ def sample(model, diffusion: LinearDiffusion, shape=None, steps: int | None = No
     if callback is not None:
         check_callable(callback, "callback", "callback(info)")
     model, prediction = resolve_model(model, diffusion, prediction)
+    denoise = get_parameterization(prediction).full_score if denoise is None else denoise
+    check_instance(denoise, bool, "denoise")
     _check_full_score(prediction, solver, entry, corrector, denoise)
     model = _with_extra_args(model, extra_args)
     shape, device = _check_start(diffusion, shape, x_T, device)

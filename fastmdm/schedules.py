@@ -76,6 +76,16 @@ class TabulatedTau:
         return cls(torch.arange(n, dtype=torch.float64) / (n - 1), -torch.log(abar))
 
     @property
+    def beta_min(self) -> float:
+        """β at the table's start: its first segment's rate (≈ 0.12 for DDPM's linear betas, N = 1000)."""
+        return float((self.taus[1] - self.taus[0]) / (self.times[1] - self.times[0]))
+
+    @property
+    def beta_max(self) -> float:
+        """β at the table's end: its last segment's rate (≈ 20.2 for DDPM's linear betas, N = 1000)."""
+        return float((self.taus[-1] - self.taus[-2]) / (self.times[-1] - self.times[-2]))
+
+    @property
     def key(self) -> tuple:
         """A hashable fingerprint (values, not identity)."""
         return ("tabulated", self.times.numpy().tobytes(), self.taus.numpy().tobytes())

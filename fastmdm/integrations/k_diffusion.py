@@ -8,8 +8,8 @@ after each model call (before the step), and ``disable`` turns the tqdm bar off.
 
 Under the hood: the VP-SDE with the same σ range, ``fm.vpsde(sigma_min=σ_last, sigma_max=σ_0)``, whose
 state is u = x / sqrt(1 + σ²), on the grid t_i = τ⁻¹(log(1 + σ_i²)) (:func:`fastmdm.grids.sigma_times`);
-``fm.sample`` runs from sigmas[0] to the last nonzero σ, and a final σ = 0 is one more model call
-whose x̂₀ is the sample, as in every k-diffusion sampler. The first-order exponential integrator (DDIM)
+``fm.sample`` runs from sigmas[0] to the last nonzero σ, and a final σ = 0 is its ``denoise=True`` end:
+one more model call whose x̂₀ is the sample, as in every k-diffusion sampler. The first-order exponential integrator (DDIM)
 is x ← x̂₀ + (σ_{i+1}/σ_i)(x − x̂₀) in these coordinates: k-diffusion's ``sample_euler``.
 """
 
@@ -67,15 +67,14 @@ def _run(model, x: Tensor, sigmas: Tensor, extra_args, callback, disable, solver
         return denoise(u[:, 0] * scale[i], i)
 
     steps = itertools.count()
+    to_zero = bool(s64[-1] == 0)
     with bar:
-        if levels.numel() > 1:
-            diffusion = vpsde(sigma_min=float(levels[-1]), sigma_max=float(levels[0]))
-            u = sample(vp_model, diffusion, x_T=(x / scale[0]).unsqueeze(1),
-                       grid=sigma_times(diffusion, levels), solver=solver, prediction="x0", **options)
-            x = u * scale[-1]
-        if s64[-1] == 0:
-            x = denoise(x, levels.numel() - 1)
-    return x
+        if levels.numel() == 1:  # one level: only the final x̂₀ (or nothing)
+            return denoise(x, 0) if to_zero else x
+        diffusion = vpsde(sigma_min=float(levels[-1]), sigma_max=float(levels[0]))
+        u = sample(vp_model, diffusion, x_T=(x / scale[0]).unsqueeze(1), grid=sigma_times(diffusion, levels),
+                   solver=solver, prediction="x0", denoise=to_zero, **options)
+    return u if to_zero else u * scale[-1]
 
 
 def sample_ei(model, x: Tensor, sigmas: Tensor, extra_args: dict | None = None, callback=None,
