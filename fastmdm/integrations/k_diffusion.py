@@ -9,8 +9,9 @@ after each model call (before the step), and ``disable`` turns the tqdm bar off.
 Under the hood: the VP-SDE with the same σ range, ``fm.vpsde(sigma_min=σ_last, sigma_max=σ_0)``, whose
 state is u = x / sqrt(1 + σ²), on the grid t_i = τ⁻¹(log(1 + σ_i²)) (:func:`fastmdm.grids.sigma_times`);
 ``fm.sample`` runs from sigmas[0] to the last nonzero σ, and a final σ = 0 is its ``denoise=True`` end:
-one more model call whose x̂₀ is the sample, as in every k-diffusion sampler. The first-order exponential integrator (DDIM)
-is x ← x̂₀ + (σ_{i+1}/σ_i)(x − x̂₀) in these coordinates: k-diffusion's ``sample_euler``.
+one more model call whose x̂₀ is the sample, as in every k-diffusion sampler. The first-order
+exponential integrator (DDIM) is x ← x̂₀ + (σ_{i+1}/σ_i)(x − x̂₀) in these coordinates: k-diffusion's
+``sample_euler``.
 """
 
 from __future__ import annotations
