@@ -9,12 +9,14 @@ k is fastmdm's time t_k — the labels t·(N − 1) of score_sde's DDPM models.
 
 ``set_timesteps(n)``: the model runs at n distinct integer timesteps. ``timestep_spacing`` "leading",
 "trailing" or "linspace" (with ``steps_offset``) gives diffusers' own timesteps (DDPMScheduler's, the
-same as DDIMScheduler's); "logsnr" (the default of a scheduler built directly; from_config keeps the
-config's spacing, pass ``timestep_spacing="logsnr"`` to override) is fastmdm's grid, uniform in
-φ = log(e^τ − 1), rounded, from N − 1 down to 0. The end, as in DDIM: ``set_alpha_to_one=True``
-(default) — the last step returns x̂₀ at the last timestep (fm.sample's ``denoise=True``: the grid is
-the n timesteps, n − 1 solver steps and the denoising call); False — the last step lands on the state
-at timestep 0, ᾱ_0 (``denoise=False``; the grid is the timesteps and 0). Each other ``step`` is one
+same as DDIMScheduler's); "logsnr" (the default) is fastmdm's grid, uniform in φ = log(e^τ − 1),
+rounded, from N − 1 down to 0. ``from_config`` takes the values a config sets (a saved one sets them
+all); those it left at diffusers' defaults get this scheduler's (no clipping, "logsnr").
+
+The end, as in DDIM: ``set_alpha_to_one=True`` (default) — the last step returns x̂₀ at the last
+timestep (fm.sample's ``denoise=True``: the grid is the n timesteps, n − 1 solver steps and the
+denoising call); False — the last step lands on the state at timestep 0, ᾱ_0 (``denoise=False``; the
+grid is the timesteps and 0). Each other ``step`` is one
 step of the fastmdm plan — "ei-ode" (multistep ``solver_order`` 1–3) or "ancestral" (``eta`` 1 = DDPM,
 0 = DDIM) — with the coefficients ``fm.sample`` uses, so a pipeline gives the samples of
 
