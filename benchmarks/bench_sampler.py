@@ -54,7 +54,7 @@ def main() -> None:
                for batched in (False, True)},
             **{solver + ("" if not opts else f" {opts}"): (
                 lambda solver=solver, opts=opts, diff=diff: sample(trivial, diff, (B, d), steps=N, solver=solver,
-                                                                   **opts))
+                                                                   denoise=False, **opts))
                for solver, opts in SOLVERS},
         }
         _plans.clear()  # each solver's warm-up call builds its plan: setup = warm-up − median
