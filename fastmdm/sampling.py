@@ -364,8 +364,8 @@ def sample(model, diffusion: LinearDiffusion, shape=None, steps: int | None = No
            generator: torch.Generator | None = None, progress: bool = False, *,
            x_T: Tensor | None = None, grid: str | Tensor | None = None, t_min: float | None = None,
            extra_args: dict | None = None, callback: Callable[[dict], None] | None = None,
-           corrector: str | None = None, snr: float = 0.16, corrector_steps: int = 1, denoise: bool | None = None,
-           device=None, **options) -> Tensor:
+           corrector: str | None = None, snr: float = 0.16, corrector_steps: int = 1,
+           denoise: bool | None = None, device=None, **options) -> Tensor:
     """Draw samples of the data x from ``model`` under ``diffusion``; returns x (B, *data_shape).
 
     model(u, t, **extra_args): u (B, K, *data_shape), t (B,) in the state's dtype; predicts
@@ -393,8 +393,9 @@ def sample(model, diffusion: LinearDiffusion, shape=None, steps: int | None = No
     ``denoise`` (default: True, the end k-diffusion and diffusers return, but False for a
     velocity-only score, which cannot give it): the sample is x̂₀ = E[x₀ | u_{t_min}], Tweedie from
     one more network call at the grid's end, so NFE = steps × the solver's NFE per step (+ corrector
-    calls) + 1; False returns x of the state at t_min (docs/solvers.md, "The end of sampling"). ``progress``: a tqdm bar. ``callback(info)`` is called
-    at the start (i = 0) and after every step with info = {"i", "t", "u" (the state at t), "denoised"
+    calls) + 1; False returns x of the state at t_min (docs/solvers.md, "The end of sampling").
+    ``progress``: a tqdm bar. ``callback(info)`` is called at the start (i = 0) and after every step
+    with info = {"i", "t", "u" (the state at t), "denoised"
     (x̂₀ = E[x₀ | u] from the step's first network call, at its evaluation time; None at i = 0, for
     "rk45" and for a velocity-only score), "nfe"}; the last call's "u" is the state at the grid's
     end, and its "nfe" leaves out the denoising call.

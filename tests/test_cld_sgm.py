@@ -187,7 +187,7 @@ def test_solvers_needing_only_d_s_match_the_full_score(solver):
     d = _diffusion(TOY)
     mixture = _mixture()
     adapter = fm.adapters.from_cld_sgm(_cld_sgm_network(mixture, d, CLDSGMReference(**TOY), 0.01))
-    runs = [fm.sample(model, d, (32, 2), steps=20, solver=solver, prediction=prediction,
+    runs = [fm.sample(model, d, (32, 2), steps=20, solver=solver, prediction=prediction, denoise=False,
                       generator=torch.Generator().manual_seed(3), x_T=d.prior_sample(
                           (32, 2), torch.Generator().manual_seed(4), dtype=torch.float64))
             for model, prediction in ((adapter, None), (exact_score_model(mixture, d, "score"), "score"))]

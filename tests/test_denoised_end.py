@@ -97,3 +97,12 @@ def test_denoise_must_be_a_bool():
     diff = fm.vpsde()
     with pytest.raises(TypeError, match="denoise"):
         sample(exact_score_model(_gaussian(), diff), diff, (2, 3), steps=2, denoise="yes")
+
+
+def test_velocity_only_score_ends_on_the_state():
+    """CLD-SGM's velocity score gives only D·s, not x̂₀: its default end is the state (denoise=False)."""
+    diff = fm.cld()
+    adapter = fm.adapters.from_cld_sgm(lambda uc, t: uc[:, :3])
+    last = LastState()
+    x = sample(adapter, diff, x_T=_start(diff, 4, 5), steps=3, solver="sscs", callback=last)
+    assert torch.equal(x, last.info["u"][:, 0])
