@@ -72,3 +72,32 @@ def test_bad_schedules_are_named():
         fm.vpsde(schedule="linear")
     with pytest.raises(ValueError, match="t_min"):
         fm.vpsde(t_min=0.0)  # τ(0) = 0 on the linear schedule: the data itself
+
+
+
+class UnitRate:
+    """A user's schedule with only beta, tau, tau_inverse and key: β = 1, τ = t."""
+
+    key = ("unit",)
+
+    def beta(self, t):
+        return torch.ones_like(torch.as_tensor(t, dtype=torch.float64))
+
+    def tau(self, t):
+        return torch.as_tensor(t, dtype=torch.float64)
+
+    def tau_inverse(self, tau):
+        return torch.as_tensor(tau, dtype=torch.float64)
+
+
+def test_beta_min_and_max_of_any_schedule():
+    """A table's β at its ends (its first and last rates); a schedule without them: a clear TypeError."""
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.05, 40, dtype=torch.float64), 0)
+    diff = fm.vpsde(schedule=TabulatedTau.from_alphas_cumprod(abar), t_min=0.0)
+    rates = (abar[:-1] / abar[1:]).log() * 39
+    assert diff.beta_min == pytest.approx(float(rates[0]), rel=1e-12)
+    assert diff.beta_max == pytest.approx(float(rates[-1]), rel=1e-12)
+    custom = fm.vpsde(schedule=UnitRate())
+    for name in ("beta_min", "beta_max"):
+        with pytest.raises(TypeError, match=f"{name} is not defined for the schedule"):
+            getattr(custom, name)
