@@ -155,8 +155,11 @@ def transition_kernel(
     with torch.no_grad():
         fast = _kernel(A, two_d, tau, init_aux_var, stationary_var, dd.Float64)
         slow = ~(correlation_condition(fast) <= FLOAT64_CONDITION)
-    if not slow.any() and not (A.requires_grad or two_d.requires_grad or tau.requires_grad):
-        return fast
+    if not slow.any():
+        grad = A.requires_grad or two_d.requires_grad or tau.requires_grad
+        return _kernel(A, two_d, tau, init_aux_var, stationary_var, dd.Float64) if grad else fast
+    if slow.all():
+        return _kernel(A, two_d, tau, init_aux_var, stationary_var, dd.DoubleDouble)
     parts = [_kernel(A, two_d, tau[rows], init_aux_var, stationary_var, ops)
              for rows, ops in ((~slow, dd.Float64), (slow, dd.DoubleDouble))]
     order = torch.cat([(~slow).nonzero().flatten(), slow.nonzero().flatten()]).argsort()
