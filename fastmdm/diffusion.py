@@ -21,7 +21,6 @@ from .ops import apply_kk
 from .schedules import LinearBeta, TabulatedTau
 from .stages import staged
 from .transition import (
-    FLOAT64_CONDITION,
     TransitionKernel,
     correlation_condition,
     transition_kernel,
@@ -33,6 +32,7 @@ TIME_SLACK = 1e-6  # relative rounding allowed at the ends of [t_min, T] (or t's
 SKEW_TOL = 1e-10
 PSD_TOL = 1e-10
 MAX_CONDITION = 1e21  # largest κ₂ of Σ_{t_min}'s correlation matrix (see _check_representable)
+FUSED_CONDITION = 1e12  # κ₂(C) up to which the Triton kernel serves (ALDA hybrid at t_min: 3.5e11)
 
 
 def _as_matrix(M, name: str) -> Tensor:
@@ -153,7 +153,7 @@ class LinearDiffusion(nn.Module):
         for start in STARTS:
             aux_var = self.init_aux_var if start == "hybrid" else None
             tk = transition_kernel(A, two_d, tau, aux_var, self.stationary_var)
-            cond = correlation_condition(tk).item()
+            cond = correlation_condition(tk.chol).item()
             if not cond <= MAX_CONDITION:
                 raise ValueError(
                     f"float64 cannot represent this diffusion at t_min={self.t_min}: Sigma_t "
@@ -289,8 +289,9 @@ class LinearDiffusion(nn.Module):
     def transition_f64(self, t64: Tensor, start: str = "hybrid") -> TransitionKernel:
         """Transition kernel in float64 for an already validated float64 t of shape (B,) and start.
 
-        The Triton kernel (float64 only) serves unless some Σ_t is ill-conditioned (see
-        :func:`fastmdm.transition.transition_kernel`); then the torch path does.
+        The Triton kernel (float64 only, square-root form) serves unless some Σ_t has a
+        correlation matrix with κ₂ > FUSED_CONDITION (a rank-deficient D at small t); then
+        the torch path, which switches to double-double, does.
         """
         aux_var = self.init_aux_var if start == "hybrid" else None
         A, two_d = self.A.to(t64.device), 2.0 * self.D.to(t64.device)
@@ -298,8 +299,8 @@ class LinearDiffusion(nn.Module):
         fused = dispatch("transition_coefficients", t64.device, self.K)
         if fused is not None:
             tk = fused_transition(fused, A, two_d, tau, aux_var, var)
-            with torch.no_grad():  # the kernel's float64 Cholesky: ill-conditioned Σ_t → torch
-                if (correlation_condition(tk) <= FLOAT64_CONDITION).all():
+            with torch.no_grad():  # the kernel is float64 only: a nearly singular Σ_t → torch
+                if (correlation_condition(tk.chol) <= FUSED_CONDITION).all():
                     return tk
         distinct, inverse = torch.unique(tau.detach(), return_inverse=True)
         if tau.requires_grad or distinct.numel() == tau.numel():

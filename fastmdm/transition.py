@@ -115,28 +115,41 @@ def expm_and_gramian(A: Tensor, two_d: Tensor, tau: Tensor,
 
 
 def _kernel(A: Tensor, two_d: Tensor, tau: Tensor, init_aux_var: float | None,
-            stationary_var: Tensor, ops) -> TransitionKernel:
-    """(M, Σ, L, L⁻ᵀ) in ``ops``'s arithmetic, rounded to float64."""
-    M, cov = flow_and_gramian(A, two_d, tau, stationary_var, ops)
-    K = A.shape[-1]
-    if init_aux_var is not None and K > 1:
-        sigma0 = torch.full((K,), float(init_aux_var), dtype=A.dtype, device=A.device)
-        sigma0[0] = 0.0
-        cov = ops.add(cov, ops.matmul(ops.mul(M, ops.of(sigma0)), M.mT))
-    half = torch.full((), 0.5, dtype=A.dtype, device=A.device)
-    cov = ops.mul(ops.add(cov, cov.mT), ops.of(half))  # exactly symmetric
-    L = ops.cholesky(cov)
-    return TransitionKernel(ops.value(M), ops.value(cov), ops.value(L),
-                            ops.value(ops.lower_inverse(L)).mT)
+            stationary_var: Tensor, ops) -> tuple[TransitionKernel, Tensor]:
+    """(M, Σ, L, L⁻ᵀ) in ``ops``'s arithmetic, rounded to float64, and L_P = chol P(τ).
 
-
-def correlation_condition(tk: TransitionKernel) -> Tensor:
-    """(B,) κ₂ of the correlation matrix C = diag(Σ)^-½ Σ diag(Σ)^-½ (inf for a failed factor).
-
-    κ₂(C) is the squared condition number of L's row-normalised rows. Float64 Cholesky and
-    triangular inversion lose about eps·κ₂(C) in the normalised metric (docs/math.md §2).
+    Float64 takes the hybrid start's L_t from the QR of [σ₀ M[:, 1:], L_P]ᵀ (square-root
+    form: no Cholesky of Σ_t, whose auxiliaries are nearly collinear with x at small t), so
+    its accuracy rests on P's conditioning alone; double-double factors Σ_t directly.
     """
-    rows = tk.chol / torch.diagonal(tk.cov, dim1=-2, dim2=-1).sqrt()[..., :, None]
+    M, P = flow_and_gramian(A, two_d, tau, stationary_var, ops)
+    half = ops.of(torch.full((), 0.5, dtype=A.dtype, device=A.device))
+    P = ops.mul(ops.add(P, P.mT), half)  # exactly symmetric
+    L_P = ops.cholesky(P)
+    cov, L = P, L_P
+    if init_aux_var is not None and A.shape[-1] > 1:
+        aux = ops.mul(M[..., 1:], ops.of(torch.full((), init_aux_var**0.5, dtype=A.dtype)))
+        cov = ops.add(P, ops.matmul(aux, aux.mT))
+        cov = ops.mul(ops.add(cov, cov.mT), half)
+        L = lower_factor(torch.cat([aux, L_P], -1)) if ops is dd.Float64 else ops.cholesky(cov)
+    tk = TransitionKernel(ops.value(M), ops.value(cov), ops.value(L),
+                          ops.value(ops.lower_inverse(L)).mT)
+    return tk, ops.value(L_P)
+
+
+def lower_factor(X: Tensor) -> Tensor:
+    """L lower triangular, L ≥ 0 on the diagonal, L Lᵀ = X Xᵀ, from the QR of Xᵀ (row by row
+    of X backward stable, so a tiny row keeps its relative accuracy)."""
+    R = torch.linalg.qr(X.mT).R  # mode "r" has no backward
+    sign = torch.where(torch.diagonal(R, dim1=-2, dim2=-1) < 0, -1.0, 1.0)
+    return (R * sign[..., :, None]).mT
+
+
+def correlation_condition(chol: Tensor) -> Tensor:
+    """(B,) κ₂ of the correlation matrix C = diag(Σ)^-½ Σ diag(Σ)^-½ of Σ = chol cholᵀ
+    (inf for a failed factor): the squared condition number of chol's row-normalised rows.
+    Float64 Cholesky and triangular inversion lose about eps·κ₂(C) (docs/math.md §2)."""
+    rows = chol / chol.norm(dim=-1, keepdim=True)
     finite = torch.isfinite(rows).flatten(1).all(1)
     sv = torch.linalg.svdvals(torch.where(finite[:, None, None], rows, 1.0))
     return torch.where(finite, (sv[..., 0] / sv[..., -1]) ** 2, torch.inf)
@@ -149,18 +162,18 @@ def transition_kernel(
 
     ``init_aux_var=None`` is the full start (Σ₀ = 0); a float σ₀² the hybrid start
     Σ₀ = diag(0, σ₀², …, σ₀²). Σ_t = M Σ₀ Mᵀ + P, L_t = chol Σ_t and L_t⁻ᵀ by triangular
-    inversion: in float64 where κ₂(C) ≤ FLOAT64_CONDITION, else in double-double
-    (32 digits) and rounded once. Differentiable.
+    inversion: in float64 where κ₂ of P(τ)'s correlation matrix is at most
+    FLOAT64_CONDITION, else in double-double (32 digits) and rounded once. Differentiable.
     """
     with torch.no_grad():
-        fast = _kernel(A, two_d, tau, init_aux_var, stationary_var, dd.Float64)
-        slow = ~(correlation_condition(fast) <= FLOAT64_CONDITION)
+        fast, chol_p = _kernel(A, two_d, tau, init_aux_var, stationary_var, dd.Float64)
+        slow = ~(correlation_condition(chol_p) <= FLOAT64_CONDITION)
     if not slow.any():
         grad = A.requires_grad or two_d.requires_grad or tau.requires_grad
-        return _kernel(A, two_d, tau, init_aux_var, stationary_var, dd.Float64) if grad else fast
+        return _kernel(A, two_d, tau, init_aux_var, stationary_var, dd.Float64)[0] if grad else fast
     if slow.all():
-        return _kernel(A, two_d, tau, init_aux_var, stationary_var, dd.DoubleDouble)
-    parts = [_kernel(A, two_d, tau[rows], init_aux_var, stationary_var, ops)
+        return _kernel(A, two_d, tau, init_aux_var, stationary_var, dd.DoubleDouble)[0]
+    parts = [_kernel(A, two_d, tau[rows], init_aux_var, stationary_var, ops)[0]
              for rows, ops in ((~slow, dd.Float64), (slow, dd.DoubleDouble))]
     order = torch.cat([(~slow).nonzero().flatten(), slow.nonzero().flatten()]).argsort()
     return TransitionKernel(*(torch.cat(pair)[order] for pair in zip(*parts, strict=True)))
