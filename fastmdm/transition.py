@@ -10,15 +10,17 @@ Everything here is cancellation-free (docs/math.md §2):
 * M and P by their series at h = τ/2ˢ (h‖A‖₂ ≤ ½), then s doublings
   P(2h) = P(h) + M(h) P(h) M(h)ᵀ, M(2h) = M(h)² (positive terms, no cancellation on the
   diagonal), or the closed form Σ∞ − M Σ∞ Mᵀ where ‖M‖₂² max σ²∞/min σ²∞ ≤ ½;
-* L_t = chol(Σ_t) and L_t⁻ᵀ by triangular inversion. They lose eps·κ₂(C), C the
-  correlation matrix of Σ_t, which is huge at small t when D is rank-deficient (a
-  variable that D reaches through A only is almost a combination of the others; P(τ) is
-  then singular to float64 rounding though positive definite). So each τ is computed in
-  float64 when κ₂(C) ≤ FLOAT64_CONDITION and otherwise again in double-double arithmetic
-  (:mod:`fastmdm.double_double`, 32 digits), rounded once at the end.
+* L_P = chol P(τ); L_t from the QR of [σ₀ M[:, 1:], L_P]ᵀ (hybrid start: square-root
+  form, no Cholesky of Σ_t whose auxiliaries are nearly collinear with x at small t) or
+  L_P (full start); L_t⁻ᵀ by triangular inversion. Float64 loses eps·κ₂(C), C the
+  correlation matrix of P(τ), huge at small t when D is rank-deficient (a variable that D
+  reaches through A only is almost a combination of the others: P is singular to float64
+  rounding though positive definite). So a τ with κ₂(C) > FLOAT64_CONDITION is computed
+  again in double-double arithmetic (:mod:`fastmdm.double_double`, 32 digits: Σ_t, its
+  Cholesky factor and inverse), rounded once at the end.
 
 Measured against a 60-digit oracle (tests/test_transition_fuzz.py): Σ, L, L⁻ᵀ within
-1e-13 in the normalised metric for every accepted diffusion, K ≤ 8, t ∈ [t_min, T].
+1e-12 in the normalised metric for every accepted diffusion, K ≤ 8, t ∈ [t_min, T].
 """
 
 from __future__ import annotations
