@@ -130,10 +130,14 @@ def _kernel(A: Tensor, two_d: Tensor, tau: Tensor, init_aux_var: float | None,
     L_P = ops.cholesky(P)
     cov, L = P, L_P
     if init_aux_var is not None and A.shape[-1] > 1:
-        aux = ops.mul(M[..., 1:], ops.of(torch.full((), init_aux_var**0.5, dtype=A.dtype)))
-        cov = ops.add(P, ops.matmul(aux, aux.mT))
+        sigma0 = torch.full((A.shape[-1],), float(init_aux_var), dtype=A.dtype, device=A.device)
+        sigma0[0] = 0.0
+        cov = ops.add(P, ops.matmul(ops.mul(M, ops.of(sigma0)), M.mT))  # M Σ₀ Mᵀ + P
         cov = ops.mul(ops.add(cov, cov.mT), half)
-        L = lower_factor(torch.cat([aux, L_P], -1)) if ops is dd.Float64 else ops.cholesky(cov)
+        if ops is dd.Float64:
+            L = lower_factor(torch.cat([init_aux_var**0.5 * M[..., 1:], L_P], -1))
+        else:
+            L = ops.cholesky(cov)
     tk = TransitionKernel(ops.value(M), ops.value(cov), ops.value(L),
                           ops.value(ops.lower_inverse(L)).mT)
     return tk, ops.value(L_P)
