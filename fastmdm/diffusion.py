@@ -20,13 +20,19 @@ from .fused import fused_perturb, fused_transition
 from .ops import apply_kk
 from .schedules import LinearBeta, TabulatedTau
 from .stages import staged
-from .transition import TransitionKernel, transition_kernel
+from .transition import (
+    TransitionKernel,
+    correlation_condition,
+    transition_kernel,
+)
 from .validation import check_choice, check_int, check_number
 
 STARTS = ("hybrid", "full")
-TIME_SLACK = 1e-6  # relative rounding allowed at the ends of [t_min, T]
+TIME_SLACK = 1e-6  # relative rounding allowed at the ends of [t_min, T] (or t's dtype's eps)
 SKEW_TOL = 1e-10
 PSD_TOL = 1e-10
+MAX_CONDITION = 1e21  # largest κ₂ of Σ_{t_min}'s correlation matrix (see _check_representable)
+FUSED_CONDITION = 1e12  # κ₂(C) up to which the Triton kernel serves (ALDA hybrid at t_min: 3.5e11)
 
 
 def _as_matrix(M, name: str) -> Tensor:
@@ -131,6 +137,30 @@ class LinearDiffusion(nn.Module):
         self.init_aux_var = float(init_aux_var)
         self.register_buffer("stationary_var", var)
         check_hurwitz(self.A.detach())
+        self._check_representable()
+
+    def _check_representable(self) -> None:
+        """Raise ValueError unless float64 can represent the transition at t_min.
+
+        The rule (docs/math.md §2): for both starts, the correlation matrix
+        C = diag(Σ)^-½ Σ diag(Σ)^-½ of Σ_{t_min} has κ₂(C) ≤ MAX_CONDITION = 1e21. Beyond
+        1/eps₆₄ ≈ 4.5e15 no float64 matrix is a positive definite Σ_t; up to 1e21 the
+        float64 L_t and L_t⁻ᵀ still exist and are computed (in double-double) to 1e-11;
+        beyond, L_t⁻ᵀ (the score) is not determined even at 32 digits.
+        """
+        tau = self.tau(torch.tensor([self.t_min], dtype=torch.float64))
+        A, two_d = self.A.detach(), 2.0 * self.D.detach()
+        for start in STARTS:
+            aux_var = self.init_aux_var if start == "hybrid" else None
+            tk = transition_kernel(A, two_d, tau, aux_var, self.stationary_var)
+            cond = correlation_condition(tk.chol).item()
+            if not cond <= MAX_CONDITION:
+                raise ValueError(
+                    f"float64 cannot represent this diffusion at t_min={self.t_min}: Sigma_t "
+                    f"({start} start) is singular to rounding (condition number of its "
+                    f"correlation matrix {cond:.3e} > {MAX_CONDITION:.0e}). Raise "
+                    "t_min (or beta_min), or add damping (D) on the data variable or on the "
+                    "variables coupled to it.")
 
     def _register_matrix(self, name: str, value) -> None:
         """A fixed matrix becomes a float64 buffer; an nn.Module (a parametrization) a submodule."""
@@ -214,13 +244,15 @@ class LinearDiffusion(nn.Module):
     def check_time(self, t, batch: int | None = None, device=None, name: str = "t") -> Tensor:
         """Validate t ∈ [t_min, T]; return it as a float64 tensor of shape (batch,) on ``device``.
 
-        A scalar (Python float or 0-d tensor) is broadcast to the batch.
+        A scalar (Python float or 0-d tensor) is broadcast to the batch. t within the relative
+        slack max(1e-6, eps of t's dtype) of [t_min, T] is clamped into it.
         """
         if isinstance(t, Tensor):
             if not t.is_floating_point():
                 raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
             if device is not None and t.device != torch.device(device):
                 raise ValueError(f"{name} is on {t.device} but the data is on {device}")
+            slack = max(TIME_SLACK, torch.finfo(t.dtype).eps)  # t_min rounded to fp16 and back
             t = t.to(torch.float64)
             if t.dim() == 0:
                 t = t.expand(batch if batch is not None else 1)
@@ -233,9 +265,10 @@ class LinearDiffusion(nn.Module):
             except (TypeError, ValueError):
                 raise TypeError(f"{name} must be a float or a tensor, got {type(t).__name__}") from None
             t = torch.full((batch or 1,), value, dtype=torch.float64, device=device)
+            slack = TIME_SLACK
         if t.numel():
             lo, hi = t.min().item(), t.max().item()
-            if not (lo >= self.t_min * (1 - TIME_SLACK) and hi <= self.T * (1 + TIME_SLACK)):
+            if not (lo >= self.t_min * (1 - slack) and hi <= self.T * (1 + slack)):
                 raise ValueError(f"{name} must lie in [t_min, T] = [{self.t_min}, {self.T}], "
                                  f"got values in [{lo}, {hi}]")
         return t.clamp(self.t_min, self.T)
@@ -245,10 +278,13 @@ class LinearDiffusion(nn.Module):
                    device=None) -> TransitionKernel:
         """q(u_t | start) as (M_t, Σ_t, L_t, L_t⁻ᵀ), each (B, K, K), computed in float64.
 
-        Returned in ``dtype`` (default: t's dtype if t is a tensor, else torch's default).
+        Returned in ``dtype`` (default: t's dtype if t is a tensor, else torch's default);
+        t of any floating dtype (float16 and bfloat16 included) is computed in float64.
         """
         if dtype is None:
             dtype = t.dtype if isinstance(t, Tensor) else torch.get_default_dtype()
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype}")
         if device is None:
             device = t.device if isinstance(t, Tensor) else self.stationary_var.device
         check_choice(start, STARTS, "start")
@@ -256,13 +292,21 @@ class LinearDiffusion(nn.Module):
 
     @staged("transition")
     def transition_f64(self, t64: Tensor, start: str = "hybrid") -> TransitionKernel:
-        """Transition kernel in float64 for an already validated float64 t of shape (B,) and start."""
+        """Transition kernel in float64 for an already validated float64 t of shape (B,) and start.
+
+        The Triton kernel (float64 only, square-root form) serves unless some Σ_t has a
+        correlation matrix with κ₂ > FUSED_CONDITION (a rank-deficient D at small t); then
+        the torch path, which switches to double-double, does.
+        """
         aux_var = self.init_aux_var if start == "hybrid" else None
         A, two_d = self.A.to(t64.device), 2.0 * self.D.to(t64.device)
         tau, var = self.tau(t64), self.stationary_var.to(t64.device)
         fused = dispatch("transition_coefficients", t64.device, self.K)
         if fused is not None:
-            return fused_transition(fused, A, two_d, tau, aux_var, var)
+            tk = fused_transition(fused, A, two_d, tau, aux_var, var)
+            with torch.no_grad():  # the kernel is float64 only: a nearly singular Σ_t → torch
+                if (correlation_condition(tk.chol) <= FUSED_CONDITION).all():
+                    return tk
         distinct, inverse = torch.unique(tau.detach(), return_inverse=True)
         if tau.requires_grad or distinct.numel() == tau.numel():
             return transition_kernel(A, two_d, tau, aux_var, var)

@@ -7,11 +7,17 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mp_oracle import mp_transition
+from mp_oracle import mp_covariance_doubling, mp_transition, mp_transition_doubling, normalised_errors
 
 import fastmdm as fm
 from fastmdm import reference
-from fastmdm.transition import expm_and_gramian, transition_kernel
+from fastmdm.diffusion import MAX_CONDITION
+from fastmdm.transition import (
+    FLOAT64_CONDITION,
+    correlation_condition,
+    expm_and_gramian,
+    transition_kernel,
+)
 
 TIMES = [1e-3, 3e-3, 0.02, 0.1, 0.35, 1.0]
 TOL = 1e-10
@@ -252,3 +258,139 @@ def test_shared_times_are_computed_once_and_broadcast():
     each = [diff.transition(t[i : i + 1]) for i in range(len(t))]
     for name, m in zip(shared._fields, shared, strict=True):
         assert torch.equal(m, torch.cat([getattr(e, name) for e in each])), name
+
+
+def chain(K, scale=1.0):
+    lower = torch.diag(torch.ones(K - 1, dtype=torch.float64), -1)
+    return scale * (lower - lower.T)
+
+
+def last_only(K, value=1.0):
+    D = torch.zeros(K, K, dtype=torch.float64)
+    D[-1, -1] = value
+    return D
+
+
+def assert_normalised_match(diff, times, start):
+    tk = diff.transition(torch.tensor(times, dtype=torch.float64), start=start)
+    assert torch.equal(tk.cov, tk.cov.mT)
+    for i, t in enumerate(times):
+        s0 = [0.0] + [diff.init_aux_var if start == "hybrid" else 0.0] * (diff.K - 1)
+        tau = float(diff.tau(torch.tensor(t, dtype=torch.float64)))
+        want = mp_transition_doubling(diff.A.numpy(), (2 * diff.D).numpy(), tau, s0)
+        errs = normalised_errors(tk, i, want)
+        assert max(errs.values()) < TOL, f"t={t} {start}: {errs}"
+
+
+@pytest.mark.parametrize("start", ["hybrid", "full"])
+def test_rank_deficient_d_neither_crashes_nor_loses_accuracy(start):
+    """MALDA(4)'s Q with D = diag(0, 0, 0, 1): P(τ) is singular to float64 rounding at t_min."""
+    Q = -malda_pattern(4)
+    diff = fm.LinearDiffusion(Q, torch.diag(torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64)))
+    assert_normalised_match(diff, [1e-3, 0.3, 1.0], start)
+
+
+@pytest.mark.parametrize("start", ["hybrid", "full"])
+def test_chain_damped_at_its_end_is_accurate_where_accepted(start):
+    diff = fm.LinearDiffusion(chain(8), last_only(8), t_min=0.13)  # κ₂(C) ≈ 1e20 at t_min
+    assert_normalised_match(diff, [0.13, 0.3, 1.0], start)
+
+
+@pytest.mark.parametrize("start", ["hybrid", "full"])
+def test_weak_damping_of_a_fast_rotation(start):
+    """Q = [[0, −30], [30, 0]], D = diag(0, 1e-6): M nearly orthogonal, Σ∞ − MΣ∞Mᵀ cancels."""
+    diff = fm.LinearDiffusion(chain(2, 30.0), last_only(2, 1e-6))
+    assert_normalised_match(diff, [1e-3, 0.1, 1.0], start)
+
+
+def malda_pattern(K):
+    lower = torch.ones(K, K, dtype=torch.float64).tril(-1)
+    return lower.T - lower
+
+
+def test_unrepresentable_sigma_at_t_min_is_rejected_at_construction():
+    with pytest.raises(ValueError, match=r"t_min=0\.001.*singular to rounding.*Raise t_min"):
+        fm.LinearDiffusion(chain(8), last_only(8))
+    fm.LinearDiffusion(chain(8), last_only(8), t_min=0.2)  # representable there
+
+
+def test_representability_rule_matches_the_oracle_at_its_boundary():
+    """κ₂ of the oracle's correlation matrix at t_min is above MAX_CONDITION where rejected,
+    below where accepted, on both sides of the boundary for a chain of 8."""
+    from mpmath import mp
+
+    def oracle_condition(diff):
+        conds = []
+        for start in ("hybrid", "full"):
+            s0 = [0.0] + [diff.init_aux_var if start == "hybrid" else 0.0] * (diff.K - 1)
+            S = mp_covariance_doubling(diff.A.numpy(), (2 * diff.D).numpy(),
+                                       float(diff.tau(torch.tensor(diff.t_min))), s0)
+            with mp.workdps(80):
+                d = [1 / mp.sqrt(S[i, i]) for i in range(S.rows)]
+                lam = mp.eigsy(mp.matrix([[S[i, j] * d[i] * d[j] for j in range(S.cols)]
+                                          for i in range(S.rows)]), eigvals_only=True)
+                conds.append(float(max(lam) / min(lam)))
+        return max(conds)
+
+    outcomes = set()
+    for t_min in np.geomspace(0.08, 0.2, 5):
+        try:
+            diff = fm.LinearDiffusion(chain(8), last_only(8), t_min=float(t_min))
+            outcomes.add("accepted")
+            assert oracle_condition(diff) <= MAX_CONDITION * 1.1
+        except ValueError:
+            outcomes.add("rejected")
+            diff = fm.LinearDiffusion(chain(8), last_only(8), t_min=1.0, T=2.0)  # for A, D, tau
+            diff.t_min = float(t_min)
+            assert oracle_condition(diff) >= MAX_CONDITION * 0.9
+    assert outcomes == {"accepted", "rejected"}
+
+
+def test_integer_dtype_is_refused():
+    with pytest.raises(TypeError, match="dtype"):
+        fm.cld().transition(0.5, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_t_is_computed_in_float64_and_t_min_survives_rounding(dtype):
+    diff = fm.alda()
+    t = torch.tensor([diff.t_min, 0.5, diff.T], dtype=dtype)
+    assert t[0].item() < diff.t_min or dtype == torch.float16  # bfloat16 rounds 1e-3 down
+    tk = diff.transition(t, dtype=torch.float64)
+    want = diff.transition(t.double().clamp(diff.t_min, diff.T), dtype=torch.float64)
+    for got, ref in zip(tk, want, strict=True):
+        assert torch.equal(got, ref)
+    x0 = torch.randn(3, 2, dtype=dtype)
+    u, _ = diff.perturb(x0, t)
+    assert u.dtype == dtype
+
+
+def test_gradients_through_the_double_double_path():
+    """MALDA(4)'s Q learned, D = diag(0, 0, 0, 1), full start at t = 0.1: κ₂ of P(τ)'s
+    correlation matrix ≈ 4e9 sends the kernel through double-double. The backward pass runs
+    in float64 (through the hi parts), so it loses ~eps·κ: measured 1.7e-4 of each output
+    row's largest derivative against Richardson-extrapolated central differences (the same
+    for steps 1e-4 … 5e-7); a wrong derivative would be off by O(1)."""
+    diff = fm.LinearDiffusion(-malda_pattern(4), torch.diag(torch.tensor([0.0, 0.0, 0.0, 1.0])))
+    tau, var, D = diff.tau(torch.tensor([0.1], dtype=torch.float64)), diff.stationary_var, diff.D
+    q0 = diff.Q.tril(-1).clone()
+    with torch.no_grad():
+        tk = transition_kernel(diff.A, 2 * D, tau, None, var)
+    assert correlation_condition(tk.chol)[0] > 10 * FLOAT64_CONDITION
+
+    def kernel(q):
+        return torch.stack(transition_kernel(-(q - q.T + D) / var, 2 * D, tau, None, var))
+
+    def central(h):
+        J = torch.zeros(4, 1, 4, 4, 4, 4, dtype=torch.float64)
+        for i, j in zip(*torch.tril_indices(4, 4, -1).tolist(), strict=True):
+            e = torch.zeros(4, 4, dtype=torch.float64)
+            e[i, j] = h
+            J[..., i, j] = (kernel(q0 + e) - kernel(q0 - e)) / (2 * h)
+        return J
+
+    lower = torch.ones(4, 4).tril(-1).bool()
+    auto = torch.autograd.functional.jacobian(kernel, q0) * lower  # q's strict lower part
+    richardson = (4 * central(2.5e-7) - central(5e-7)) / 3
+    scale = richardson.abs().amax(dim=(-1, -2, -3), keepdim=True) + 1e-300
+    assert ((auto - richardson).abs() / scale).max() < 1e-3
