@@ -82,9 +82,10 @@ def check_profile(out: Path) -> dict:
     return {"status": status, "detail": tail}
 
 
-def graph_replay(device: str = "cuda", steps: int = 16, batch: int = 64, dim: int = 256) -> dict:
-    """Capture a fixed-grid sampler loop (ancestral coefficients, fused step with in-kernel noise
-    keyed by device-side seeds) in a CUDA graph; replay it and compare with the eager loop."""
+def fixed_grid_loop(device, steps: int = 16, batch: int = 64, dim: int = 256):
+    """(loop, u0): a fixed-grid sampler loop on ``device`` — ancestral coefficients for the CLD,
+    a fixed linear network, the fused step drawing its noise from device-side seeds — and its
+    start state. No host synchronisation inside ``loop``, so it can be captured."""
     import fastmdm as fm
     from fastmdm.sde_step import sde_step
     from fastmdm.solvers import ancestral_plan
@@ -102,16 +103,19 @@ def graph_replay(device: str = "cuda", steps: int = 16, batch: int = 64, dim: in
     weight = torch.randn(K * dim, K * dim, device=device, generator=gen) / (K * dim) ** 0.5
     t_eval = plan.eval_times.to(device=device, dtype=torch.float32)
 
-    def model(u, t):  # a fixed network: one linear map of the state, scaled by t
-        return (u.flatten(1) @ weight).view_as(u) * t
-
     def loop(u):
         for n in range(steps):
-            eps = model(u, t_eval[n])
-            u = sde_step(u, [eps], coefs[n], seeds, n, True)
+            eps = (u.flatten(1) @ weight).view_as(u) * t_eval[n]
+            u = sde_step(u, [eps], coefs[n], seeds, n, True, gen)
         return u
 
-    u0 = torch.randn(batch, K, dim, device=device, generator=gen)
+    return loop, torch.randn(batch, K, dim, device=device, generator=gen)
+
+
+def graph_replay(steps: int = 16, batch: int = 64, dim: int = 256) -> dict:
+    """Capture :func:`fixed_grid_loop` on CUDA in a CUDA graph, replay it and compare with the
+    eager loop (same seeds: the results must be equal)."""
+    loop, u0 = fixed_grid_loop("cuda", steps, batch, dim)
     eager = loop(u0.clone())
     static_u = u0.clone()
     side = torch.cuda.Stream()
@@ -126,7 +130,8 @@ def graph_replay(device: str = "cuda", steps: int = 16, batch: int = 64, dim: in
     torch.cuda.synchronize()
     diff = (static_out - eager).abs().max().item()
     return {"status": "passed" if diff == 0 else "failed",
-            "detail": f"{steps} steps, B={batch}, K={K}, d={dim}: max |replay - eager| = {diff:g}"}
+            "detail": f"{steps} steps, B={batch}, K={u0.shape[1]}, d={dim}: "
+                      f"max |replay - eager| = {diff:g}"}
 
 
 def check_cuda_graph(out: Path) -> dict:

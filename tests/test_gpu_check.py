@@ -54,6 +54,12 @@ def test_a_check_with_an_unknown_status_is_an_error(tmp_path):
         gpu_check.run_checks(tmp_path, {"bad": lambda out: {"status": "ok"}})
 
 
+def test_the_captured_sampler_loop_runs_on_the_torch_path():
+    loop, u0 = gpu_check.fixed_grid_loop("cpu", steps=3, batch=2, dim=4)
+    out = loop(u0)
+    assert out.shape == u0.shape == (2, 2, 4) and torch.isfinite(out).all()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_graph_replay_equals_eager():
     assert gpu_check.graph_replay(steps=4, batch=8, dim=64)["status"] == "passed"
