@@ -2,7 +2,8 @@
 
 Each variant (kernel family, K, data dtype) is compiled for an NVIDIA target with
 ``triton.compile(ASTSource, GPUTarget)`` in a forked child (so one compile can be cut off by a
-timeout), with Triton's cache bypassed so the compile time is real. ptxas's ``-v`` log gives the
+timeout), with Triton's cache bypassed so the compile time is real (CPU seconds of Triton and
+ptxas). ptxas's ``-v`` log gives the
 registers per thread and the bytes of spill stores; ``cuobjdump -res-usage`` (shipped with triton)
 gives the static shared memory, to which Triton's dynamic shared memory is added.
 
@@ -25,6 +26,7 @@ import io
 import multiprocessing
 import os
 import re
+import resource
 import shutil
 import subprocess
 import tempfile
@@ -196,6 +198,12 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (ptxas)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _compile(v: Variant, arch: Arch, num_warps: int | None = None) -> dict:
     """Compile one variant here (no cache) and read its resources."""
     import triton
@@ -208,12 +216,12 @@ def _compile(v: Variant, arch: Arch, num_warps: int | None = None) -> dict:
     os.environ["TRITON_ALWAYS_COMPILE"] = "1"
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     log = io.StringIO()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_seconds()
     with contextlib.redirect_stdout(log):
         compiled = triton.compile(ASTSource(fn, sig, constexprs=constexprs),
                                   target=GPUTarget("cuda", arch.capability, 32),
                                   options={"num_warps": warps})
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
     found = {k: int(m.group(1)) if (m := rx.search(log.getvalue())) else 0
              for k, rx in _PTXAS.items()}
     res = resource_usage(compiled.asm["cubin"])
@@ -221,7 +229,7 @@ def _compile(v: Variant, arch: Arch, num_warps: int | None = None) -> dict:
     shared = res.get("SHARED", 0) + int(compiled.metadata.shared)
     return {"kernel": v.kernel, "K": v.K, "dtype": v.dtype, "arch": arch.name,
             "registers": registers, "spill_bytes": found["spill_bytes"], "shared_bytes": shared,
-            "compile_seconds": round(seconds, 2),
+            "compile_seconds": round(cpu, 2), "wall_seconds": round(seconds, 2),
             "occupancy": round(occupancy(arch, registers, shared, warps), 4),
             "num_warps": warps, "stack_bytes": res.get("STACK", found["stack_bytes"])}
 
@@ -238,8 +246,10 @@ def compile_variant(v: Variant, arch: str, timeout_s: float = 120.0,
     """Compile ``v`` for ``arch`` ("sm80" or "sm90") in a forked child cut off after ``timeout_s``
     (with ``num_warps`` instead of the launcher's, to try another launch configuration).
 
-    Returns a row with ``ROW_KEYS`` (plus num_warps, stack_bytes, and ``error`` when the compile
-    failed or timed out: then the resources are None and compile_seconds is the time spent).
+    Returns a row with ``ROW_KEYS`` (compile_seconds: CPU seconds of Triton and ptxas, which a
+    loaded machine inflates less than wall-clock), plus num_warps, stack_bytes, wall_seconds, and
+    ``error`` when the compile failed or timed out: then the resources are None and
+    compile_seconds is the wall-clock time spent.
     """
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {tuple(ARCHS)}, got {arch!r}")
