@@ -1,7 +1,7 @@
 """Static resource report of the Triton kernels: compile without a GPU, read the machine code.
 
 Each variant (kernel family, K, data dtype) is compiled for an NVIDIA target with
-``triton.compile(ASTSource, GPUTarget)`` in a forked child (so one compile can be cut off by a
+``triton.compile(ASTSource, GPUTarget)`` in a child process (so one compile can be cut off by a
 timeout), with Triton's cache bypassed so the compile time is real (CPU seconds of Triton and
 ptxas). ptxas's ``-v`` log gives the
 registers per thread and the bytes of spill stores; ``cuobjdump -res-usage`` (shipped with triton)
@@ -238,12 +238,12 @@ def _child(conn, v: Variant, arch: Arch, num_warps: int | None) -> None:
     try:
         conn.send(_compile(v, arch, num_warps))
     except Exception as e:  # the parent records it as a failed row
-        conn.send({"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"})
+        conn.send({"error": f"{type(e).__name__}: {str(e).strip().split(chr(10))[0][:200]}"})
 
 
 def compile_variant(v: Variant, arch: str, timeout_s: float = 120.0,
                     num_warps: int | None = None) -> dict:
-    """Compile ``v`` for ``arch`` ("sm80" or "sm90") in a forked child cut off after ``timeout_s``
+    """Compile ``v`` for ``arch`` ("sm80" or "sm90") in a child process cut off after ``timeout_s``
     (with ``num_warps`` instead of the launcher's, to try another launch configuration).
 
     Returns a row with ``ROW_KEYS`` (compile_seconds: CPU seconds of Triton and ptxas, which a
@@ -253,9 +253,10 @@ def compile_variant(v: Variant, arch: str, timeout_s: float = 120.0,
     """
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {tuple(ARCHS)}, got {arch!r}")
-    ctx = multiprocessing.get_context("fork")
-    parent, child = ctx.Pipe(duplex=False)
     env_interp = os.environ.pop("TRITON_INTERPRET", None)  # a real compile, not the interpreter
+    # a fork shares the imported kernels, unless they were imported as interpreted functions
+    ctx = multiprocessing.get_context("spawn" if env_interp not in (None, "", "0") else "fork")
+    parent, child = ctx.Pipe(duplex=False)
     start = time.perf_counter()
     proc = ctx.Process(target=_child, args=(child, v, ARCHS[arch], num_warps), daemon=True)
     proc.start()
