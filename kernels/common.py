@@ -31,9 +31,9 @@ from torch import Tensor
 MAX_K = 8  # the largest K (variables per state) the unrolled K×K kernels support
 MAX_STEP_INPUTS = 3  # network outputs the fused sampler step reads
 # The transition kernel keeps a sample's K×K matrices in one lane's float64 registers. sm_90,
-# ptxas -v (benchmarks/results/kernels-sm90.md): K = 4 178 registers, no spill, ~10 s to
-# compile; K = 5 252 registers, ~40 s; K = 6 255 + 480 B spill; K = 8 255 + 1,656 B, ~7 min.
-# The package launches it up to this K and takes the torch path above.
+# ptxas -v, CPU seconds to compile (benchmarks/kernel_report.py --kernels transition --unlaunched):
+# K = 4 178 registers, no spill, 2.4 s; K = 5 232, no spill but no headroom, 7 s; K = 6 255 +
+# 556 B spill, 22 s; K = 8 255 + 1,656 B, ~7 min. Launched up to this K; the torch path above.
 TRANSITION_MAX_K = 4
 SEED_BOUND = 2**31  # probe seeds lie in [0, SEED_BOUND)
 DISTRIBUTIONS = ("rademacher", "gaussian")  # of the probes (flat layout)
