@@ -74,8 +74,9 @@ def block_size(n: int, device: torch.device, gpu: int = 1024, widest: int = 4096
 
 def num_warps(K: int, fp64: bool) -> int:
     """Warps per program of a data pass over 1024 columns: 8 (4 columns a thread, one Philox
-    call), 4 for float64 arithmetic at K ≤ 4. Chosen from the sm_90 compile sweep: no spill in
-    any data pass at any K ≤ 8 (benchmarks/results/kernels-sm90.md)."""
+    call), 4 for float64 arithmetic at K ≤ 4. Chosen from a compile sweep for sm_90: at most
+    32 B of spill at any K ≤ 8 (benchmarks/results/kernels-sm90.md; with 4 warps throughout, up to
+    1 KB)."""
     return 4 if fp64 and K <= 4 else 8
 
 

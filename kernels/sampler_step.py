@@ -41,7 +41,7 @@ def _sde_step_kernel(
     KK: tl.constexpr = K * K
     # coefficient layout: [Φ, C, Λ, Γ_0, …, Γ_{INPUTS-1}], each K×K row-major. Each input row
     # is streamed into K accumulators by a loop that is not unrolled, so one column of
-    # coefficients is live at a time (2K + 1 live rows, not 6K: no spill up to K = 8).
+    # coefficients is live at a time (2K + 1 live rows, not 6K).
     ws = ()  # w = u + Λ y_0, the predicted mean
     acc = ()  # Σ_j Γ_j y_j + C ξ, then + Φ w
     for k in tl.static_range(K):
