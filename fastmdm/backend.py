@@ -16,11 +16,11 @@ from collections.abc import Callable
 
 import torch
 
-from .kernels.common import MAX_K, MAX_STEP_INPUTS
+from .kernels.common import MAX_K, MAX_STEP_INPUTS, TRANSITION_MAX_K
 
 BACKENDS = ("auto", "torch", "triton")
 KERNEL_LIMITS = {  # fastmdm.kernels op -> the largest sizes it takes, in dispatch's order
-    "transition_coefficients": (MAX_K,),  # K
+    "transition_coefficients": (TRANSITION_MAX_K,),  # K (registers; torch path above)
     "perturb": (MAX_K,),  # K
     "weighted_dsm": (MAX_K,),  # K
     "generate_probes": (),

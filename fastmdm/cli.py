@@ -270,6 +270,12 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_gpu_check(args) -> int:
+    from .gpu_check import main as gpu_check
+
+    return gpu_check(args.out)
+
+
 # -- parser -------------------------------------------------------------------------------
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -362,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--out", default="profiles", help="directory for the trace")
     profile.add_argument("--device", choices=("cpu", "cuda"), default=None)
     profile.set_defaults(func=cmd_profile)
+
+    gpu = sub.add_parser("gpu-check", help="kernel tests on CUDA, quick benchmark, profiler trace and a "
+                         "CUDA-graph replay, in one report (exit 2 without CUDA)", formatter_class=fmt)
+    gpu.add_argument("--out", default="benchmarks/results", help="directory for gpu-check-<date>.md/.json")
+    gpu.set_defaults(func=cmd_gpu_check)
     return parser
 
 

@@ -30,6 +30,11 @@ from torch import Tensor
 
 MAX_K = 8  # the largest K (variables per state) the unrolled K×K kernels support
 MAX_STEP_INPUTS = 3  # network outputs the fused sampler step reads
+# The transition kernel keeps a sample's K×K matrices in one lane's float64 registers. sm_90,
+# ptxas -v, CPU seconds to compile (benchmarks/kernel_report.py --kernels transition --unlaunched):
+# K = 4 178 registers, no spill, 2.4 s; K = 5 232, no spill but no headroom, 7 s; K = 6 255 +
+# 556 B spill, 22 s; K = 8 255 + 1,656 B, ~7 min. Launched up to this K; the torch path above.
+TRANSITION_MAX_K = 4
 SEED_BOUND = 2**31  # probe seeds lie in [0, SEED_BOUND)
 DISTRIBUTIONS = ("rademacher", "gaussian")  # of the probes (flat layout)
 DATA_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -65,6 +70,14 @@ def block_size(n: int, device: torch.device, gpu: int = 1024, widest: int = 4096
     if device.type == "cuda":
         return gpu
     return min(widest, 1 << (max(n, 16) - 1).bit_length())
+
+
+def num_warps(K: int, fp64: bool) -> int:
+    """Warps per program of a data pass over 1024 columns: 8 (4 columns a thread, one Philox
+    call), 4 for float64 arithmetic at K ≤ 4. Chosen from a compile sweep for sm_90: at most
+    32 B of spill at any K ≤ 8 (benchmarks/results/kernels-sm90.md; with 4 warps throughout, up to
+    1 KB)."""
+    return 4 if fp64 and K <= 4 else 8
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import MAX_K, NoiseSeed, acc_dtype, block_size, launch_on, strides3
+from .common import MAX_K, NoiseSeed, acc_dtype, block_size, launch_on, num_warps, strides3
 from .perturbation import noise_block
 
 
@@ -92,7 +92,8 @@ def _launch_fwd(eh, noise, w, seed, offset):
     if eh.numel():
         with launch_on(eh.device):
             _dsm_fwd[part.shape](eh, noise, w, part, seed, offset, d, *strides3(eh),
-                                 *strides3(noise), K=K, FROM_SEED=noise is None, BLOCK_D=block)
+                                 *strides3(noise), K=K, FROM_SEED=noise is None, BLOCK_D=block,
+                                 num_warps=num_warps(K, eh.dtype == torch.float64))
     return part.sum(1)
 
 
@@ -106,7 +107,8 @@ def _launch_bwd(eh, noise, w, go, seed, offset, need_eh, need_w):
         with launch_on(eh.device):
             _dsm_bwd[(B, nblk)](eh, noise, w, go, geh, gw, seed, offset, d, *strides3(eh),
                                 *strides3(noise), K=K, FROM_SEED=noise is None,
-                                NEED_EPS_HAT=need_eh, NEED_W=need_w, BLOCK_D=block)
+                                NEED_EPS_HAT=need_eh, NEED_W=need_w, BLOCK_D=block,
+                                num_warps=num_warps(K, eh.dtype == torch.float64))
     return geh, None if gw is None else gw.sum(1)
 
 

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import DISTRIBUTIONS, MAX_K, SEED_BOUND, block_size, check_seed, launch_on
+from .common import DISTRIBUTIONS, MAX_K, SEED_BOUND, block_size, check_seed, launch_on, num_warps
 from .philox import flat_values
 
 
@@ -119,6 +119,7 @@ def _launch(w: Tensor, mixing: Tensor, seed: int, gaussian: bool, offset: int) -
             _quadratic_forms_kernel[(P * B, n_chunks)](
                 w, mixing, partial, seed, offset, B, d, n_chunks,
                 KV=kv, KW=KW, GAUSSIAN=gaussian, BLOCK_D=block,
+                num_warps=num_warps(kv, fp64=True),  # the probes are held in float64
             )
     return partial.sum(1).view(P, B)
 

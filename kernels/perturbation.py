@@ -17,7 +17,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import DATA_DTYPES, MAX_K, NoiseSeed, acc_dtype, block_size, check_seed, launch_on, strides3
+from .common import (
+    DATA_DTYPES,
+    MAX_K,
+    NoiseSeed,
+    acc_dtype,
+    block_size,
+    check_seed,
+    launch_on,
+    num_warps,
+    strides3,
+)
 from .philox import grouped_normals
 
 
@@ -127,7 +137,7 @@ def _launch_fwd(x, coef, chol, noise, seed, offset, full, write_noise):
             _perturb_fwd[(B, triton.cdiv(d, block))](
                 x, coef, chol, noise, out, eps, seed, offset, d, *_strides_x(x, full),
                 *strides3(noise), K=K, FULL=full, FROM_SEED=noise is None,
-                WRITE_NOISE=write_noise, BLOCK_D=block,
+                WRITE_NOISE=write_noise, BLOCK_D=block, num_warps=num_warps(K, x.dtype == torch.float64),
             )
     return out, eps
 
@@ -148,6 +158,7 @@ def _launch_bwd(g, x, coef, noise, seed, offset, full, needs):
                 g, x, coef, noise, gx, gcoef, gchol, seed, offset, d, *strides3(g),
                 *_strides_x(x, full), *strides3(noise), K=K, FULL=full, FROM_SEED=noise is None,
                 NEED_X=need_x, NEED_COEF=need_coef, NEED_CHOL=need_chol, BLOCK_D=block,
+                num_warps=num_warps(K, g.dtype == torch.float64),
             )
     return (gx, *(None if p is None else p.sum(1, dtype=torch.float64) for p in (gcoef, gchol)))
 

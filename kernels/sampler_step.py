@@ -16,8 +16,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import MAX_K, MAX_STEP_INPUTS, acc_dtype, block_size, launch_on
+from .common import MAX_K, MAX_STEP_INPUTS, acc_dtype, block_size, launch_on, num_warps
 from .philox import flat_values
+
+
+@triton.jit
+def _axpy(acc, col_ptr, x, K: tl.constexpr):
+    """acc[k] += c[k] x for k < K, c the column of a row-major K×K matrix at ``col_ptr``."""
+    out = ()
+    for k in tl.static_range(K):
+        out = out + (acc[k] + tl.load(col_ptr + k * K) * x,)
+    return out
 
 
 @triton.jit
@@ -30,45 +39,30 @@ def _sde_step_kernel(
     mask = cols < d
     acc_t = coef_ptr.dtype.element_ty
     KK: tl.constexpr = K * K
-    # coefficient layout: [Φ, C, Λ, Γ_0, …, Γ_{INPUTS-1}], each K×K row-major
-    us = ()
-    ys0 = ()
-    ys1 = ()
-    ys2 = ()
-    xi = ()
-    seed = tl.load(seeds_ptr + index)
-    for k in tl.static_range(K):
-        where = (b * K + k) * d + cols
-        us = us + (tl.load(u_ptr + where, mask=mask, other=0.0).to(acc_t),)
-        if INPUTS > 0:
-            ys0 = ys0 + (tl.load(y0_ptr + where, mask=mask, other=0.0).to(acc_t),)
-        if INPUTS > 1:
-            ys1 = ys1 + (tl.load(y1_ptr + where, mask=mask, other=0.0).to(acc_t),)
-        if INPUTS > 2:
-            ys2 = ys2 + (tl.load(y2_ptr + where, mask=mask, other=0.0).to(acc_t),)
-        if NOISY:
-            xi = xi + (flat_values(seed, where, True).to(acc_t),)
+    # coefficient layout: [Φ, C, Λ, Γ_0, …, Γ_{INPUTS-1}], each K×K row-major. Each input row
+    # is streamed into K accumulators by a loop that is not unrolled, so one column of
+    # coefficients is live at a time (2K + 1 live rows, not 6K).
     ws = ()  # w = u + Λ y_0, the predicted mean
+    acc = ()  # Σ_j Γ_j y_j + C ξ, then + Φ w
     for k in tl.static_range(K):
-        w = us[k]
-        if INPUTS > 0:
-            for l in tl.static_range(K):
-                w += tl.load(coef_ptr + 2 * KK + k * K + l) * ys0[l]
-        ws = ws + (w,)
+        ws = ws + (tl.load(u_ptr + (b * K + k) * d + cols, mask=mask, other=0.0).to(acc_t),)
+        acc = acc + (tl.zeros((BLOCK_D,), dtype=acc_t),)
+    for j in tl.static_range(INPUTS):
+        y_ptr = y0_ptr if j == 0 else y1_ptr if j == 1 else y2_ptr
+        for l in tl.range(K, loop_unroll_factor=1):
+            y = tl.load(y_ptr + (b * K + l) * d + cols, mask=mask, other=0.0).to(acc_t)
+            acc = _axpy(acc, coef_ptr + (3 + j) * KK + l, y, K)  # column l of Γ_j
+            if j == 0:
+                ws = _axpy(ws, coef_ptr + 2 * KK + l, y, K)  # column l of Λ
+    if NOISY:
+        seed = tl.load(seeds_ptr + index)
+        for l in tl.range(K, loop_unroll_factor=1):
+            xi = flat_values(seed, (b * K + l) * d + cols, True).to(acc_t)
+            acc = _axpy(acc, coef_ptr + KK + l, xi, K)  # column l of C
+    for l in tl.static_range(K):
+        acc = _axpy(acc, coef_ptr + l, ws[l], K)  # column l of Φ
     for k in tl.static_range(K):
-        acc = tl.load(coef_ptr + k * K) * ws[0]
-        for l in tl.static_range(1, K):
-            acc += tl.load(coef_ptr + k * K + l) * ws[l]
-        for l in tl.static_range(K):
-            if NOISY:
-                acc += tl.load(coef_ptr + KK + k * K + l) * xi[l]
-            if INPUTS > 0:
-                acc += tl.load(coef_ptr + 3 * KK + k * K + l) * ys0[l]
-            if INPUTS > 1:
-                acc += tl.load(coef_ptr + 4 * KK + k * K + l) * ys1[l]
-            if INPUTS > 2:
-                acc += tl.load(coef_ptr + 5 * KK + k * K + l) * ys2[l]
-        tl.store(out_ptr + (b * K + k) * d + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + (b * K + k) * d + cols, acc[k].to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def sde_step(u: Tensor, inputs: list[Tensor], coefs: Tensor, seeds: Tensor, index: int,
@@ -90,5 +84,6 @@ def sde_step(u: Tensor, inputs: list[Tensor], coefs: Tensor, seeds: Tensor, inde
             _sde_step_kernel[(B, triton.cdiv(d, block))](
                 flat, *pad, coef, seeds, out, index, d,
                 K=K, INPUTS=len(ys), NOISY=noisy, BLOCK_D=block,
+                num_warps=num_warps(K, u.dtype == torch.float64),
             )
     return out.view(u.shape)

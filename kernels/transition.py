@@ -11,6 +11,11 @@ tuple of K² vectors over the lanes (K a compile-time constant, every loop over 
   form [σ₀ M[:, 1:], chol P] = L Q without cancelling inner products;
 * L⁻ᵀ by forward substitution.
 
+Divisions by a pivot or a Givens radius multiply by its reciprocal (a float64 division is a call
+to a slow-path subroutine, and the registers saved around those calls spilled at K = 4); the
+series keep x / n, so that M and P round as the torch path's. Registers bound K: the package
+launches this kernel up to ``TRANSITION_MAX_K`` (:mod:`fastmdm.kernels.common`).
+
 These are the numerics of :mod:`fastmdm.transition`, which passes in the series lengths, ‖A‖₂
 and itself: gradients come from recomputing that torch path on the K×K inputs
 (:class:`_TransitionFn`), so this module imports nothing from fastmdm.
@@ -24,6 +29,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import MAX_K, TransitionSeries, block_size, launch_on
+
+BLOCK_B = 32  # samples (lanes) per program on GPU: one warp
 
 
 @triton.jit
@@ -80,6 +87,7 @@ def _cholesky(P, K: tl.constexpr):
         for k in tl.static_range(j):
             diag -= L[k * K + j] * L[k * K + j]
         diag = tl.sqrt(diag)
+        inv_diag = 1.0 / diag
         for i in tl.static_range(K):
             if i < j:
                 L = L + (diag * 0.0,)
@@ -89,7 +97,7 @@ def _cholesky(P, K: tl.constexpr):
                 acc = P[i * K + j]
                 for k in tl.static_range(j):
                     acc -= L[k * K + i] * L[k * K + j]
-                L = L + (acc / diag,)
+                L = L + (acc * inv_diag,)
     return L
 
 
@@ -100,8 +108,9 @@ def _rank_one_update(L, v, K: tl.constexpr):
     for i in tl.static_range(K):
         lii = L[i * K + i]
         r = tl.sqrt(lii * lii + v[i] * v[i])
-        c = lii / r
-        s = v[i] / r
+        inv_r = 1.0 / r
+        c = lii * inv_r
+        s = v[i] * inv_r
         w = ()
         for j in tl.static_range(K):
             if j < i:
@@ -120,18 +129,21 @@ def _rank_one_update(L, v, K: tl.constexpr):
 @triton.jit
 def _lower_inverse(L, K: tl.constexpr):
     """Column-major Z = L⁻¹ by forward substitution (L column-major lower triangular)."""
+    inv_diag = ()
+    for i in tl.static_range(K):
+        inv_diag = inv_diag + (1.0 / L[i * K + i],)
     Z = ()
     for j in tl.static_range(K):
         for i in tl.static_range(K):
             if i < j:
                 Z = Z + (L[0] * 0.0,)
             elif i == j:
-                Z = Z + (1.0 / L[j * K + j],)
+                Z = Z + (inv_diag[j],)
             else:
                 acc = L[j * K + i] * Z[j * K + j]
                 for m in tl.static_range(j + 1, i):
                     acc += L[m * K + i] * Z[j * K + m]
-                Z = Z + (-acc / L[i * K + i],)
+                Z = Z + (-acc * inv_diag[i],)
     return Z
 
 
@@ -263,7 +275,7 @@ def _launch(A: Tensor, two_d: Tensor, tau: Tensor, init_aux_var: float | None, v
                  for _ in range(4))
     if tau.shape[0]:
         hybrid = init_aux_var is not None and K > 1
-        block = block_size(tau.shape[0], tau.device, gpu=32, widest=256)
+        block = block_size(tau.shape[0], tau.device, gpu=BLOCK_B, widest=256)
         aux_std = torch.full_like(norm, init_aux_var**0.5 if hybrid else 0.0)
         with launch_on(tau.device):
             _transition_kernel[(triton.cdiv(tau.shape[0], block),)](
