@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .backend import dispatch
 from .fused import fused_perturb, fused_transition
-from .ops import apply_kk
+from .ops import apply_kk, compute_dtype
 from .schedules import LinearBeta, TabulatedTau
 from .stages import staged
 from .transition import (
@@ -25,7 +25,7 @@ from .transition import (
     correlation_condition,
     transition_kernel,
 )
-from .validation import check_choice, check_int, check_number
+from .validation import check_choice, check_finite, check_int, check_like, check_number, check_shape
 
 STARTS = ("hybrid", "full")
 TIME_SLACK = 1e-6  # relative rounding allowed at the ends of [t_min, T] (or t's dtype's eps)
@@ -33,6 +33,7 @@ SKEW_TOL = 1e-10
 PSD_TOL = 1e-10
 MAX_CONDITION = 1e21  # largest κ₂ of Σ_{t_min}'s correlation matrix (see _check_representable)
 FUSED_CONDITION = 1e12  # κ₂(C) up to which the Triton kernel serves (ALDA hybrid at t_min: 3.5e11)
+VAR_RANGE = (1e-30, 1e30)  # stationary variances: sqrt and inverse representable in float32
 
 
 def _as_matrix(M, name: str) -> Tensor:
@@ -110,28 +111,28 @@ class LinearDiffusion(nn.Module):
         check_psd(Dm)
         K = self.K = Qm.shape[0]
         self.name = name
+        check_number(T, "T", 0.0, low_open=True)
+        check_number(t_min, "t_min", 0.0, T)
+        if not t_min < T:
+            raise ValueError(f"need 0 <= t_min < T, got t_min={t_min}, T={T}")
         if schedule is None:
             check_number(beta_min, "beta_min", 0.0)
-            if not (math.isfinite(beta_max) and beta_min + (beta_max - beta_min) * T > 0):
+            check_number(beta_max, "beta_max")
+            if not beta_min + (beta_max - beta_min) * T > 0:
                 raise ValueError(f"beta_max must keep beta(t) > 0 on (0, T], got {beta_max}")
             schedule = LinearBeta(beta_min, beta_max)
         if not all(hasattr(schedule, attr) for attr in ("beta", "tau", "tau_inverse", "key")):
             raise TypeError("schedule must provide beta, tau, tau_inverse and key (see fastmdm.schedules), "
                             f"got {type(schedule).__name__}")
-        check_number(T, "T", 0.0, low_open=True)
-        check_number(t_min, "t_min", 0.0, T)
-        if not t_min < T:
-            raise ValueError(f"need 0 <= t_min < T, got t_min={t_min}, T={T}")
         if not schedule.tau(torch.tensor(float(t_min), dtype=torch.float64)) > 0:
             raise ValueError(f"t_min must have tau(t_min) > 0 (the data sits at tau = 0), got t_min={t_min}")
-        check_number(init_aux_var, "init_aux_var", 0.0, low_open=True)
+        check_number(init_aux_var, "init_aux_var", *VAR_RANGE)
         var = torch.as_tensor(stationary_var, dtype=torch.float64).flatten()
         if var.numel() == 1:
             var = var.expand(K).clone()
-        if var.numel() != K or not (var > 0).all():
-            raise ValueError(
-                f"stationary_var must be a positive float or {K} positive values, got {stationary_var}"
-            )
+        if var.numel() != K or not ((var >= VAR_RANGE[0]) & (var <= VAR_RANGE[1])).all():
+            raise ValueError(f"stationary_var must be a float or {K} floats in [{VAR_RANGE[0]:.0e}, "
+                             f"{VAR_RANGE[1]:.0e}], got {stationary_var}")
         self.schedule = schedule
         self.t_min, self.T = float(t_min), float(T)
         self.init_aux_var = float(init_aux_var)
@@ -353,10 +354,11 @@ class LinearDiffusion(nn.Module):
         """
         check_choice(start, STARTS, "start")
         self.check_data(x0, start)
+        check_finite(x0, "x0")
         t64 = self.check_time(t, batch=x0.shape[0], device=x0.device)
-        shape = self._state_shape(x0, start)
-        if noise is not None and tuple(noise.shape) != shape:
-            raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
+        if noise is not None:
+            check_like(noise, "noise", self._state_shape(x0, start), x0)
+            check_finite(noise, "noise")
         return self.perturb_with_kernel(x0, self.transition_f64(t64, start), start, generator, noise)
 
     @staged("perturb")
@@ -374,15 +376,18 @@ class LinearDiffusion(nn.Module):
         if noise is None:
             noise = torch.randn(self._state_shape(x0, start), dtype=x0.dtype, device=x0.device,
                                 generator=generator)
-        return self.mean(x0, tk, start) + apply_kk(tk.chol, noise), noise
+        work = compute_dtype(x0.dtype)  # float32 for float16/bfloat16 data, rounded once at the end
+        u = self.mean(x0.to(work), tk, start) + apply_kk(tk.chol, noise.to(work))
+        return u.to(x0.dtype), noise
 
     def prior_sample(self, shape, generator: torch.Generator | None = None,
                      dtype: torch.dtype | None = None, device=None) -> Tensor:
-        """u_T ~ N(0, Σ∞): shape (B, *data_shape) -> a state (B, K, *data_shape)."""
-        shape = tuple(int(s) for s in shape)
-        if len(shape) < 2 or min(shape) < 1:
-            raise ValueError(f"shape must be (B, *data_shape) with positive sizes, got {shape}")
+        """u_T ~ N(0, Σ∞): shape (B, *data_shape) -> a state (B, K, *data_shape) in ``dtype``
+        (a floating dtype; default torch's)."""
+        shape = check_shape(shape, "shape")
         dtype = dtype or torch.get_default_dtype()
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype}")
         device = device if device is not None else self.stationary_var.device
         eps = torch.randn((shape[0], self.K, *shape[1:]), dtype=dtype, device=device,
                           generator=generator)
@@ -463,6 +468,7 @@ def vpsde(sigma_min: float | None = None, sigma_max: float | None = None, **kwar
 
 def cld(aux_var: float = 1.0, **kwargs) -> LinearDiffusion:
     """Critically damped Langevin (K = 2): Q = [[0, −1], [1, 0]], D = diag(0, Γ), Γ = 2σ_a."""
+    check_number(aux_var, "aux_var", *VAR_RANGE)
     gamma = 2.0 * math.sqrt(aux_var)
     kwargs.setdefault("name", "cld")
     kwargs.setdefault("stationary_var", [1.0, aux_var])
@@ -489,7 +495,9 @@ def cld_sgm(mass: float = 0.25, Gamma: float | None = None, beta0: float = 4.0, 
 
 def alda(aux_var: float = 1.0, gamma: float = 1.0, psi: float = 1.0, **kwargs) -> LinearDiffusion:
     """ALDA (K = 3): Q = [[0, −σ²_a, 0], [σ²_a, 0, −γ], [0, γ, 0]], D = diag(0, 0, ψσ²_a)."""
-    a = aux_var
+    a = check_number(aux_var, "aux_var", *VAR_RANGE)
+    check_number(gamma, "gamma")
+    check_number(psi, "psi", 0.0, low_open=True)
     Q = [[0.0, -a, 0.0], [a, 0.0, -gamma], [0.0, gamma, 0.0]]
     D = [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, psi * a]]
     kwargs.setdefault("name", "alda")
@@ -500,6 +508,7 @@ def alda(aux_var: float = 1.0, gamma: float = 1.0, psi: float = 1.0, **kwargs) -
 def malda(K: int = 3, aux_var: float = 1.0, **kwargs) -> LinearDiffusion:
     """MALDA (any K ≥ 2): Q_ij = −1 (i < j), +1 (i > j); D = diag(0, Γ, …, Γ), Γ = 2σ_a."""
     check_int(K, "K", minimum=2)
+    check_number(aux_var, "aux_var", *VAR_RANGE)
     Q = torch.ones(K, K, dtype=torch.float64).tril(-1)
     Q = Q - Q.T
     D = torch.diag(torch.tensor([0.0] + [2.0 * math.sqrt(aux_var)] * (K - 1), dtype=torch.float64))

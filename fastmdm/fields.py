@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .diffusion import LinearDiffusion
 from .divergence import divergence_and_output
-from .ops import apply_kk, data_dim, draw_seed
+from .ops import apply_kk, compute_dtype, data_dim, draw_seed
 from .parameterization import AffineMap, Parameterization, get_parameterization
 from .transition import TransitionKernel
 from .validation import check_callable, check_instance
@@ -48,6 +48,8 @@ def score_linear_field(model, diffusion: LinearDiffusion, parameterization: Para
                        divergence: dict | None = None, tk: TransitionKernel | None = None) -> FieldEvaluation:
     """F(u) = (S ⊗ I) u + (G ⊗ I) s(u, t) and, if ``divergence`` is given, ∇·F per sample.
 
+    F and the output y are in ``ops.compute_dtype(u.dtype)`` (float32 for float16/bfloat16 u).
+
     S (``state_mat``, or None for 0) and G (``score_mat``) are float64 (B, K, K); ``tk``: the
     hybrid-start kernel at t if already computed. ``divergence``: keyword options of
     :func:`fastmdm.divergence.divergence_and_output` (exact, probes, distribution, mode, seed,
@@ -71,9 +73,10 @@ def score_linear_field(model, diffusion: LinearDiffusion, parameterization: Para
         div, y = divergence_and_output(fn, u, out_mat, **divergence)
         if state is not None:
             div = div + torch.diagonal(state, dim1=-2, dim2=-1).sum(-1) * d
+    y = y.to(compute_dtype(u.dtype))  # the maps' entries overflow float16 near t_min
     value = apply_kk(out_mat, y)
     if state is not None:
-        value = value + apply_kk(state, u)
+        value = value + apply_kk(state, u.to(y.dtype))
     return FieldEvaluation(value, div, y, smap)
 
 
@@ -101,7 +104,7 @@ class ProbabilityFlow:
                                   -beta * D, divergence)
 
     def __call__(self, u: Tensor, t) -> Tensor:
-        return self._evaluate(u, t, None).value
+        return self._evaluate(u, t, None).value.to(u.dtype)
 
     def with_divergence(self, u: Tensor, t, *, exact: bool = False, probes: int = 1,
                         distribution: str = "rademacher", mode: str = "jvp", seed: int | None = None,
@@ -110,7 +113,7 @@ class ProbabilityFlow:
         options = dict(exact=exact, probes=probes, distribution=distribution, mode=mode,
                        seed=draw_seed() if seed is None and not exact else seed, chunk_size=chunk_size)
         evaluation = self._evaluate(u, t, options)
-        return evaluation.value, evaluation.divergence
+        return evaluation.value.to(u.dtype), evaluation.divergence
 
 
 def probability_flow_drift(model, diffusion: LinearDiffusion, prediction: str = "eps") -> ProbabilityFlow:

@@ -9,6 +9,10 @@ with u_t drawn from the hybrid kernel q(u_t | x) and, per sample,
        W_t = L_t⁻¹ (2βD) L_t⁻ᵀ (with noise prediction: −½ Σ_j (ε̂−ε)ᵀ W_t (ε̂−ε));
   ISM: ℓ = −½ sᵀ (2βD) s − ∇·(2βD s) + β tr(A) d  (Hutchinson probes).
 Each ``*_elbo`` returns the per-sample negative ELBO in nats, shape (B,).
+
+Low-precision data (float16, bfloat16): the network sees u_t in the data's dtype; its output and
+every K×K map (L_t⁻ᵀ reaches ~1e6 at t_min) are applied in float32 (``ops.compute_dtype``), the
+dtype of the returned values.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from .diffusion import LinearDiffusion
 from .dsm import weighted_dsm
 from .fields import score_linear_field
 from .importance import sample_time
-from .ops import apply_kk, data_dim, draw_seed, sum_data
+from .ops import apply_kk, compute_dtype, data_dim, draw_seed, sum_data
 from .parameterization import Parameterization, get_parameterization
 from .stages import stage
 from .transition import TransitionKernel
@@ -41,8 +45,9 @@ def _check_inputs(diffusion: LinearDiffusion, x0: Tensor, prediction: str = "eps
 
 
 def _network_output(model, parameterization: Parameterization, u: Tensor, t64: Tensor) -> Tensor:
-    """y = model(u, t) (t cast to u's dtype) in the parameterisation's compact layout, validated."""
-    return parameterization.output(model(u, t64.to(u.dtype)), u)
+    """y = model(u, t) (t cast to u's dtype) in the parameterisation's compact layout, validated,
+    in the dtype the K×K maps are applied in."""
+    return parameterization.output(model(u, t64.to(u.dtype)), u).to(compute_dtype(u.dtype))
 
 
 def _time(diffusion, x0, t, importance, generator) -> tuple[Tensor, Tensor]:
@@ -126,10 +131,12 @@ def tmin_offset(model, diffusion: LinearDiffusion, x0: Tensor, parameterization:
     full, hybrid = (TransitionKernel(*(m.expand(B, -1, -1) for m in tk)) for tk in kernels)
     u_eps, eps = diffusion.perturb_with_kernel(_aux_sample(diffusion, x0, generator), full, "full",
                                                generator)
-    score = parameterization.score(_network_output(model, parameterization, u_eps, t64), u_eps, hybrid)
+    y = _network_output(model, parameterization, u_eps, t64)
+    eps = eps.to(y.dtype)
+    score = parameterization.score(y, u_eps.to(y.dtype), hybrid)
     resid = eps + apply_kk(full.chol.transpose(-1, -2), score)
     log_det = diffusion.tau(t64) * torch.diagonal(diffusion.A).sum().to(t64.device) * d
-    return -0.5 * sum_data(resid**2) + 0.5 * sum_data(eps**2) + log_det.to(x0.dtype)
+    return -0.5 * sum_data(resid**2) + 0.5 * sum_data(eps**2) + log_det.to(y.dtype)
 
 
 def _elbo_terms(model, diffusion, x0, parameterization, importance, generator, t, integrand,
@@ -148,7 +155,7 @@ def _elbo_terms(model, diffusion, x0, parameterization, importance, generator, t
         full = diffusion.transition_f64(ends[1:], "full")
         offset = tmin_offset(model, diffusion, x0, parameterization, generator, (full, at_tmin))
     with stage("elbo.prior"):
-        elbo = -prior_cross_entropy(diffusion, x0, at_T).to(x0.dtype) + integral + offset
+        elbo = -prior_cross_entropy(diffusion, x0, at_T).to(integral.dtype) + integral + offset
     return -(elbo + aux_entropy(diffusion, x0))
 
 
@@ -171,8 +178,8 @@ def dsm_elbo(model, diffusion: LinearDiffusion, x0: Tensor, prediction: str = "e
             mismatch = weighted_dsm(out, eps, W)
         else:  # ½ Σ (s − ∇log q)ᵀ 2βD (s − ∇log q), ∇log q = −L⁻ᵀ ε
             two_beta_d = 2 * diffusion.beta(t64)[:, None, None] * diffusion.D.to(u.device)
-            score = parameterization.score(out, u, tk)
-            mismatch = weighted_dsm(score, -apply_kk(tk.chol_inv_t, eps), two_beta_d)
+            score = parameterization.score(out, u.to(out.dtype), tk)
+            mismatch = weighted_dsm(score, -apply_kk(tk.chol_inv_t, eps.to(out.dtype)), two_beta_d)
         const = 0.5 * torch.diagonal(W, dim1=-2, dim2=-1).sum(-1) * d + drift_divergence(
             diffusion, t64, d)
         return -mismatch + const.to(mismatch.dtype)
@@ -199,7 +206,8 @@ def ism_elbo(model, diffusion: LinearDiffusion, x0: Tensor, prediction: str = "e
         two_beta_d = 2 * diffusion.beta(t64)[:, None, None] * diffusion.D.to(u.device)
         field = score_linear_field(model, diffusion, parameterization, u, t64, None, two_beta_d,
                                    dict(probes=probes, seed=draw_seed(generator)), tk)
-        const = drift_divergence(diffusion, t64, d).to(u.dtype)
-        return -0.5 * sum_data(field.score(u) * field.value) - field.divergence.to(u.dtype) + const
+        work = field.value.dtype
+        const = drift_divergence(diffusion, t64, d).to(work)
+        return -0.5 * sum_data(field.score(u.to(work)) * field.value) - field.divergence.to(work) + const
 
     return _elbo_terms(model, diffusion, x0, parameterization, importance, generator, t, integrand)

@@ -16,6 +16,12 @@ def apply_kk(mat: Tensor, u: Tensor) -> Tensor:
     return out.reshape(u.shape[0], mat.shape[-2], *u.shape[2:])
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype K×K maps are applied in: float32 for float16/bfloat16 data (whose range the maps'
+    entries, e.g. L⁻ᵀ ≈ 1e6 at t_min, overflow), else the data's own dtype."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def sum_data(x: Tensor, start: int = 1) -> Tensor:
     """Sum over every dim from ``start`` on: (B, …) -> (B,)."""
     return x.reshape(x.shape[0], -1).sum(1) if start == 1 else x.flatten(start).sum(-1)

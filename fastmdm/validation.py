@@ -66,4 +66,30 @@ def check_finite(x: Tensor, name: str) -> Tensor:
     return x
 
 
-__all__ = ["check_callable", "check_choice", "check_finite", "check_instance", "check_int", "check_number"]
+def check_shape(shape, name: str = "shape") -> tuple[int, ...]:
+    """``shape`` as a tuple (B, *data_shape) of at least two positive ints."""
+    if not isinstance(shape, (Sequence, torch.Size)) or isinstance(shape, str):
+        raise TypeError(f"{name} must be a tuple (B, *data_shape) of ints, got {shape!r}")
+    if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in shape):
+        raise TypeError(f"{name} must be a tuple (B, *data_shape) of ints, got {tuple(shape)!r}")
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2 or min(shape) < 1:
+        raise ValueError(f"{name} must be (B, *data_shape) with positive sizes, got {shape}")
+    return shape
+
+
+def check_like(x, name: str, shape, ref: Tensor) -> Tensor:
+    """``x`` if it is a tensor of ``shape`` with the dtype and device of ``ref``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name} must have the data's dtype {ref.dtype}, got {x.dtype}")
+    if x.device != ref.device:
+        raise ValueError(f"{name} must be on the data's device {ref.device}, got {x.device}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    return x
+
+
+__all__ = ["check_callable", "check_choice", "check_finite", "check_instance", "check_int", "check_like",
+           "check_number", "check_shape"]
