@@ -50,7 +50,16 @@ from .solvers import (
     transition_at,
 )
 from .stages import staged
-from .validation import check_callable, check_choice, check_instance, check_int, check_number
+from .validation import (
+    check_callable,
+    check_choice,
+    check_finite,
+    check_instance,
+    check_int,
+    check_like,
+    check_number,
+    check_shape,
+)
 
 CORRECTORS = (None, "langevin")
 _PLAN_CACHE_SIZE = 32
@@ -84,28 +93,17 @@ def _check_full_score(prediction: str, solver: str, entry: Solver, corrector, de
                          f"prediction {prediction!r} gives only D·s: pass corrector=None, denoise=False")
 
 
-def _check_shape(shape) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(s) for s in shape)
-    except TypeError:
-        raise TypeError(f"shape must be a tuple (B, *data_shape) of ints, got {shape!r}") from None
-    if len(shape) < 2 or min(shape) < 1:
-        raise ValueError(f"shape must be (B, *data_shape) with positive sizes, got {shape}")
-    return shape
-
-
 def _check_start(diffusion: LinearDiffusion, shape, x_T, device) -> tuple[tuple[int, ...], torch.device]:
     """(shape, device) of the run; with x_T: a finite float state (B, K, *data_shape) matching ``shape``."""
     if x_T is None:
         if shape is None:
             raise ValueError("shape (B, *data_shape) is required unless x_T is given")
         device = torch.device(device) if device is not None else diffusion.stationary_var.device
-        return _check_shape(shape), device
+        return check_shape(shape), device
     diffusion.check_state(x_T, "x_T")
-    if not torch.isfinite(x_T).all():
-        raise ValueError("x_T must be finite")
+    check_finite(x_T, "x_T")
     state_shape = (x_T.shape[0], *x_T.shape[2:])
-    if shape is not None and _check_shape(shape) != state_shape:
+    if shape is not None and check_shape(shape) != state_shape:
         raise ValueError(f"x_T has shape {tuple(x_T.shape)}, which does not match shape={tuple(shape)}")
     if device is not None and torch.device(device).type != x_T.device.type:
         raise ValueError(f"x_T is on {x_T.device} but device={device!r}")
@@ -175,13 +173,27 @@ def _eps_map(diffusion: LinearDiffusion, times: Tensor, prediction: str) -> Affi
     return get_parameterization(prediction).eps_map(transition_at(diffusion, times))
 
 
-class _Network:
-    """model(u, t) with t a (B,) tensor in the state's dtype; returns the checked output y, counts NFE."""
+def non_finite_output(solver: str, step: int, t: float, nfe: int) -> FloatingPointError:
+    """The error for a model output with NaN or infinite entries."""
+    return FloatingPointError(
+        f"the model returned NaN or infinite values at step {step} of solver {solver!r} "
+        f"(t = {t:.6g}, network evaluation {nfe}); check the model's weights and its output near this t")
 
-    def __init__(self, model, prediction: str, u: Tensor):
-        self.model, self.prediction, self.nfe = model, prediction, 0
+
+class _Network:
+    """model(u, t) with t a (B,) tensor in the state's dtype; returns the checked output y, counts NFE.
+
+    Non-finite outputs: on CPU one isfinite reduction per call raises at once; on CUDA (no host
+    synchronisation inside the loop) the first bad call's index and t are recorded on the device and
+    ``check_finite`` raises after the loop. ``step`` is the solver step the loop is in.
+    """
+
+    def __init__(self, model, prediction: str, u: Tensor, solver: str = "sample"):
+        self.model, self.prediction, self.nfe, self.solver, self.step = model, prediction, 0, solver, 0
         self.param = get_parameterization(prediction)
         self.batch, self.device, self.dtype = u.shape[0], u.device, u.dtype
+        self._steps: list[int] = []  # CUDA: the step of each call, indexed by the recorded call
+        self._first_bad = self._bad_t = None
 
     def times(self, times: Tensor) -> Tensor:
         """A (len(times), B) table of model times, built before a loop."""
@@ -190,8 +202,24 @@ class _Network:
     @staged("sample.network")
     def __call__(self, u: Tensor, t: Tensor) -> Tensor:
         y = self.param.output(self.model(u, t), u)
+        finite = torch.isfinite(y).all()
+        if y.is_cuda:
+            if self._first_bad is None:
+                self._first_bad = torch.full((), -1, dtype=torch.int64, device=y.device)
+                self._bad_t = torch.zeros((), dtype=torch.float64, device=y.device)
+            first = ~finite & (self._first_bad < 0)
+            self._first_bad = torch.where(first, self.nfe, self._first_bad)
+            self._bad_t = torch.where(first, t[0].to(torch.float64), self._bad_t)
+            self._steps.append(self.step)
+        elif not finite:
+            raise non_finite_output(self.solver, self.step, float(t[0]), self.nfe + 1)
         self.nfe += 1
         return y
+
+    def check_finite(self) -> None:
+        """Raise for the first non-finite output recorded on CUDA (one host synchronisation)."""
+        if self._first_bad is not None and (first := int(self._first_bad)) >= 0:
+            raise non_finite_output(self.solver, self._steps[first], float(self._bad_t), first + 1)
 
 
 def _to_eps(y: Tensor, u: Tensor, emap: AffineMap, n: int) -> Tensor:
@@ -238,6 +266,7 @@ class Loop:
         evaluation time of the plan)."""
         if self.corrector is not None:
             u = self.corrector(u, n + 1)
+        self.net.step = n + 1
         self.bar.update()
         denoised = None
         if self.callback is not None and eps is not None and self.net.param.full_score:
@@ -297,7 +326,7 @@ def run_adaptive(loop: Loop, plan: AdaptivePlan, u: Tensor) -> Tensor:
     after the solve, with the solve's NFE and no denoised estimate."""
     counter = [0]
     span = (float(plan.times[-1]), float(plan.times[0]))
-    rate = _log_tau_flow(loop.net.model, loop.diffusion, loop.net.prediction, counter, span)
+    rate = _log_tau_flow(loop.net.model, loop.diffusion, loop.net.prediction, counter, span, "rk45")
     states, _ = odeint_adaptive(rate, u, _rho(loop.diffusion, plan.times), rtol=plan.rtol, atol=plan.atol)
     loop.net.nfe = counter[0]
     for n, state in enumerate(states[1:]):
@@ -306,15 +335,21 @@ def run_adaptive(loop: Loop, plan: AdaptivePlan, u: Tensor) -> Tensor:
 
 
 def _log_tau_flow(model, diffusion: LinearDiffusion, prediction: str, counter: list,
-                  span: tuple[float, float]):
-    """du/dρ = (τ/β) h(u, t(ρ)) for ρ = log τ, t ∈ span, h the probability-flow drift (fastmdm.likelihood)."""
+                  span: tuple[float, float], solver: str):
+    """du/dρ = (τ/β) h(u, t(ρ)) for ρ = log τ, t ∈ span, h the probability-flow drift (fastmdm.likelihood).
+
+    A non-finite h raises (the adaptive solver synchronises every step anyway); ``solver`` names the
+    caller in the error, the step being the evaluation count."""
     drift = probability_flow_drift(model, diffusion, prediction)
 
     def rate(rho: float, u: Tensor) -> Tensor:
         tau = torch.tensor([math.exp(rho)], dtype=torch.float64)
         t = float(diffusion.tau_inverse(tau).clamp(*span)[0])
         counter[0] += 1
-        return drift(u, t) * (float(tau[0]) / float(diffusion.beta(torch.tensor(t))))
+        h = drift(u, t)
+        if not torch.isfinite(h).all():
+            raise non_finite_output(solver, counter[0], t, counter[0])
+        return h * (float(tau[0]) / float(diffusion.beta(torch.tensor(t))))
 
     return rate
 
@@ -424,7 +459,7 @@ def sample(model, diffusion: LinearDiffusion, shape=None, steps: int | None = No
     bar = tqdm(total=times.numel() - 1, desc=f"sampling ({solver})", disable=not progress)
     with torch.no_grad(), bar:
         u = x_T if x_T is not None else diffusion.prior_sample(shape, generator=generator, device=device)
-        net = _Network(model, prediction, u)
+        net = _Network(model, prediction, u, solver)
         plan, eval_map, grid_map = _plan(diffusion, entry, times, prediction, options)
         correct = None if corrector is None else _langevin_corrector(
             net, diffusion, times, grid_map, snr, corrector_steps, generator, u)
@@ -433,6 +468,7 @@ def sample(model, diffusion: LinearDiffusion, shape=None, steps: int | None = No
         loop.report(0, u)
         u = entry.run(loop, plan, u)
         x = _denoise(net, diffusion, times, prediction, u) if denoise else u[:, 0]
+        net.check_finite()
     return x
 
 
@@ -446,32 +482,36 @@ def _denoise(net: _Network, diffusion: LinearDiffusion, times: Tensor, predictio
     return _Denoiser(diffusion, t_end, u)(0, u, eps)
 
 
-def encode(model, diffusion: LinearDiffusion, x: Tensor, prediction: str | None = None, *,
-           aux: Tensor | None = None, generator: torch.Generator | None = None, rtol: float = 1e-6,
-           atol: float = 1e-6, return_info: bool = False):
+def encode(model, diffusion: LinearDiffusion, x: Tensor | None = None, prediction: str | None = None, *,
+           aux: Tensor | None = None, state: Tensor | None = None, generator: torch.Generator | None = None,
+           rtol: float = 1e-6, atol: float = 1e-6, return_info: bool = False):
     """The probability-flow map from data to latent: u(t_min) = (x, v) ↦ u(T), (B, K, *data_shape).
 
-    v: ``aux`` (B, K − 1, *data_shape) if given, else drawn from N(0, σ₀²) with ``generator``, else 0.
-    A state (B, K, *data_shape) may be passed as x instead. Adaptive RK45 in ρ = log τ.
+    x: data (B, *data_shape), always read as data; v: ``aux`` (B, K − 1, *data_shape) if given,
+    else drawn from N(0, σ₀²) with ``generator``, else 0. Or, instead of x, a whole ``state``
+    u(t_min) (B, K, *data_shape). Adaptive RK45 in ρ = log τ.
     """
     model, prediction = resolve_model(model, diffusion, prediction)
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError("x must be a floating-point tensor (B, *data_shape) or a state (B, K, *data_shape)")
-    if x.dim() >= 3 and x.shape[1] == diffusion.K and aux is None and generator is None and diffusion.K > 1:
-        u0 = x
+    if (x is None) == (state is None):
+        raise ValueError("encode takes either data x or a state= (B, K, *data_shape), not both or neither")
+    if state is not None:
+        if aux is not None or generator is not None:
+            raise ValueError("aux and generator complete data x; a state= already has its auxiliaries")
+        diffusion.check_state(state, "state")
+        return _pf_solve(model, diffusion, prediction, check_finite(state, "state"), True, rtol, atol,
+                         return_info, "encode")
+    diffusion.check_data(x, "hybrid", "x")
+    check_finite(x, "x")
+    aux_shape = (x.shape[0], diffusion.K - 1, *x.shape[1:])
+    if aux is not None:
+        check_finite(check_like(aux, "aux", aux_shape, x), "aux")
+    elif generator is not None:
+        aux = torch.randn(aux_shape, dtype=x.dtype, device=x.device, generator=generator)
+        aux = aux * math.sqrt(diffusion.init_aux_var)
     else:
-        diffusion.check_data(x, "hybrid", "x")
-        K = diffusion.K
-        aux_shape = (x.shape[0], K - 1, *x.shape[1:])
-        if aux is None and generator is not None:
-            aux = torch.randn(aux_shape, dtype=x.dtype, device=x.device, generator=generator)
-            aux = aux * math.sqrt(diffusion.init_aux_var)
-        elif aux is None:
-            aux = x.new_zeros(aux_shape)
-        elif tuple(aux.shape) != aux_shape:
-            raise ValueError(f"aux must have shape {aux_shape}, got {tuple(aux.shape)}")
-        u0 = torch.cat([x.unsqueeze(1), aux.to(x.dtype)], dim=1)
-    return _pf_solve(model, diffusion, prediction, u0, True, rtol, atol, return_info)
+        aux = x.new_zeros(aux_shape)
+    u0 = torch.cat([x.unsqueeze(1), aux], dim=1)
+    return _pf_solve(model, diffusion, prediction, u0, True, rtol, atol, return_info, "encode")
 
 
 def decode(model, diffusion: LinearDiffusion, z: Tensor, prediction: str | None = None, *, rtol: float = 1e-6,
@@ -479,16 +519,16 @@ def decode(model, diffusion: LinearDiffusion, z: Tensor, prediction: str | None 
     """The inverse map latent u(T) = z ↦ u(t_min); returns the data part (or the state)."""
     model, prediction = resolve_model(model, diffusion, prediction)
     diffusion.check_state(z, "z")
-    out = _pf_solve(model, diffusion, prediction, z, False, rtol, atol, return_info)
+    check_finite(z, "z")
+    out = _pf_solve(model, diffusion, prediction, z, False, rtol, atol, return_info, "decode")
     u, info = out if return_info else (out, None)
     u = u if return_state else u[:, 0]
     return (u, info) if return_info else u
 
 
-def _pf_solve(model, diffusion, prediction, u0, forward: bool, rtol, atol, return_info):
-    diffusion.check_state(u0, "u")
+def _pf_solve(model, diffusion, prediction, u0, forward: bool, rtol, atol, return_info, caller: str):
     counter = [0]
-    rate = _log_tau_flow(model, diffusion, prediction, counter, (diffusion.t_min, diffusion.T))
+    rate = _log_tau_flow(model, diffusion, prediction, counter, (diffusion.t_min, diffusion.T), caller)
     ends = _rho(diffusion, [diffusion.t_min, diffusion.T])
     with torch.no_grad():
         states, _ = odeint_adaptive(rate, u0, ends if forward else ends[::-1], rtol=rtol, atol=atol)
