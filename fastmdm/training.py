@@ -32,7 +32,7 @@ from .models import build_network
 from .objectives import dsm_elbo, ism_elbo, noise_prediction_loss
 from .parameterization import get_parameterization
 from .stages import stage
-from .validation import check_finite
+from .validation import check_finite, check_number
 
 OBJECTIVES = ("dsm", "ism", "noise")
 DIFFUSIONS = ("vpsde", "cld", "alda", "malda", "learned")
@@ -362,6 +362,7 @@ class Trainer:
             raise ValueError(f"warmup must be a positive integer (steps), got {warmup!r}")
         if grad_clip is not None and not grad_clip > 0:
             raise ValueError(f"grad_clip must be None or > 0, got {grad_clip}")
+        check_number(lr, "lr", 0.0, low_open=True)
         self.optimizer = optimizer or torch.optim.Adam(self.mdm.trainable_parameters(), lr=lr)
         if not isinstance(self.optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(self.optimizer).__name__}")
