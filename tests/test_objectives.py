@@ -8,7 +8,7 @@ import torch
 import fastmdm as fm
 from fastmdm.importance import importance_normaliser, importance_pdf, sample_time
 from fastmdm.mixtures import GaussianMixture, exact_score_model
-from fastmdm.objectives import prior_cross_entropy
+from fastmdm.objectives import dsm_weight, prior_cross_entropy
 
 
 def gaussian_prior_kl(diff, mu, s2, d):
@@ -193,3 +193,59 @@ def test_triton_backend_objectives_regenerate_the_noise():
     plain = fm.dsm_elbo(lambda u, t: 0.5 * u, diff, x, generator=torch.Generator().manual_seed(3))
     se = math.sqrt((fast.var() + plain.var()).item() / n)
     assert abs((fast.mean() - plain.mean()).item()) < 4 * se
+
+
+LOW_PRECISION = [torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("objective, prediction", [("dsm", "eps"), ("dsm", "score"), ("dsm", "x0"),
+                                                    ("ism", "eps"), ("ism", "x0"), ("noise", "eps")])
+def test_low_precision_data_gives_finite_objectives_close_to_float32(dtype, objective, prediction):
+    """float16/bfloat16 data and network: the K×K maps (L⁻ᵀ ≈ 1e6 at t_min) run in float32, so the
+    objectives are finite and within 8 eps of the float32 ones relative to the size of their terms:
+    the data, u_t and each layer of the network round once (eps/2 each) and the losses are quadratic
+    in the output. The DSM integrand is the difference of two terms of size ½ tr(W_t) d / p(t), so
+    that is its scale (plus |ELBO| and 1); the t_min decoder offset, where float16 overflowed, is
+    in every ELBO."""
+    torch.manual_seed(0)
+    diff = fm.cld()
+    net = fm.MLPScore((2,), 2, hidden=32, layers=2, time_dim=16)
+    low = fm.MLPScore((2,), 2, hidden=32, layers=2, time_dim=16)
+    low.load_state_dict(net.state_dict())
+    low = low.to(dtype)
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(1))
+    x_low = x.to(dtype)
+
+    def run(model, data):
+        g = torch.Generator().manual_seed(2)
+        t = torch.linspace(0.05, diff.T, data.shape[0], dtype=torch.float64)
+        if objective == "noise":
+            return fm.noise_prediction_loss(model, diff, data, t=t, generator=g)
+        fn = fm.dsm_elbo if objective == "dsm" else fm.ism_elbo
+        return fn(model, diff, data, prediction=prediction, t=t, generator=g)
+
+    with torch.no_grad():
+        ref, got = run(net, x_low.float()), run(low, x_low)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    scale = ref.abs().double().clamp_min(1.0)
+    if objective == "dsm":
+        t = torch.linspace(0.05, diff.T, x.shape[0], dtype=torch.float64)
+        W = dsm_weight(diff, t, diff.transition_f64(t, "hybrid"))
+        scale = scale + torch.diagonal(W, dim1=-2, dim2=-1).sum(-1) * x[0].numel() * (diff.T - diff.t_min)
+    err = ((got - ref).abs() / scale).max().item()
+    assert err <= 8 * torch.finfo(dtype).eps, err
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("start", ["hybrid", "full"])
+def test_low_precision_perturb_rounds_the_float32_result_once(dtype, start):
+    diff = fm.cld()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn((64, 2, 3) if start == "full" else (64, 3), generator=g).to(dtype)
+    noise = torch.randn(64, 2, 3, generator=g).to(dtype)
+    t = torch.linspace(diff.t_min, diff.T, 64, dtype=torch.float64)
+    u, eps = diff.perturb(x, t, start=start, noise=noise)
+    u32, _ = diff.perturb(x.float(), t, start=start, noise=noise.float())
+    assert u.dtype == dtype and eps is noise and torch.isfinite(u).all()
+    assert torch.equal(u, u32.to(dtype))  # one rounding of the float32 value
