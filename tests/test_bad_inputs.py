@@ -148,3 +148,72 @@ def test_every_public_name_has_a_bad_input_case():
     methods = {case[0] for case in CASES if case[0].startswith("LinearDiffusion.")}
     for method in ("transition", "perturb", "prior_sample", "prior_log_prob"):
         assert f"LinearDiffusion.{method}" in methods
+
+
+# -- a model whose output turns non-finite -----------------------------------------------------------
+def _nan_after(calls: int):
+    """A model that returns zeros for ``calls`` evaluations, then NaN."""
+    count = [0]
+
+    def model(u, t):
+        count[0] += 1
+        return torch.zeros_like(u) if count[0] <= calls else torch.full_like(u, NAN)
+
+    return model
+
+
+@pytest.mark.parametrize("solver", ["euler-maruyama", "ei-ode", "ancestral", "heun", "sscs"])
+def test_non_finite_model_output_names_step_t_and_solver(solver):
+    with pytest.raises(FloatingPointError) as info:
+        fm.sample(_nan_after(3), _diff(), (4, 2), steps=6, solver=solver)
+    message = str(info.value)
+    assert f"solver {solver!r}" in message and "t = " in message
+    step = 3 if solver != "heun" else 1  # heun: two evaluations per step
+    assert f"at step {step} " in message, message
+
+
+@pytest.mark.parametrize("call, caller", [
+    (lambda m: fm.sample(m, _diff(), (4, 2), steps=4, solver="rk45"), "rk45"),
+    (lambda m: fm.encode(m, _diff(), _x()), "encode"),
+    (lambda m: fm.decode(m, _diff(), _state()), "decode"),
+])
+def test_non_finite_model_output_in_the_adaptive_solver(call, caller):
+    with pytest.raises(FloatingPointError, match=f"solver {caller!r}"):
+        call(_nan_after(2))
+
+
+def test_encode_reads_data_whose_first_axis_equals_k_as_data():
+    """x of shape (B, K, d) is data with K rows, never a state; a state goes through state=."""
+    diff = _diff()
+
+    def model(u, t):
+        return 0.1 * u
+
+    x = _x(3, 2, 2)  # (B, K=2, d): data of shape (2, 2)
+    z = fm.encode(model, diff, x, rtol=1e-4, atol=1e-4)
+    assert z.shape == (3, 2, 2, 2)
+    u0 = torch.cat([x.unsqueeze(1), torch.zeros(3, 1, 2, 2)], dim=1)
+    assert torch.equal(fm.encode(model, diff, state=u0, rtol=1e-4, atol=1e-4), z)
+
+
+# -- low-precision state -----------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("solver", ["euler-maruyama", "ei-ode", "ancestral", "heun", "sscs"])
+def test_low_precision_sampling_stays_finite_and_near_float32(dtype, solver):
+    """x_T in float16/bfloat16: the state stays in that dtype, finite, within 64 eps·max|x| of the
+    float32 run from the same start (20 steps, each rounding the state once, near-t_min stiffness
+    amplifying the rounding a few-fold). The exact score is evaluated in float64."""
+    from fastmdm.mixtures import GaussianMixture, exact_score_model
+
+    diff = _diff()
+    exact = exact_score_model(GaussianMixture([0.3, 0.7], [[1.0, 0.5], [-1.0, -0.5]], [0.3, 0.5]), diff)
+
+    def model(u, t):
+        return exact(u.double(), t.double().clamp(diff.t_min, diff.T)).to(u.dtype)
+
+    x_T = diff.prior_sample((256, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    ref = fm.sample(model, diff, x_T=x_T, steps=20, solver=solver, generator=torch.Generator().manual_seed(1))
+    x = fm.sample(model, diff, x_T=x_T.to(dtype), steps=20, solver=solver,
+                  generator=torch.Generator().manual_seed(1))
+    assert x.dtype == dtype and torch.isfinite(x).all()
+    assert (x.float() - ref).abs().max() <= 64 * torch.finfo(dtype).eps * ref.abs().max()
