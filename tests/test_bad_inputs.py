@@ -8,6 +8,7 @@ import torch
 
 import fastmdm as fm
 from fastmdm import adapters
+from fastmdm.dsm import weighted_dsm
 
 NAN = float("nan")
 INF = float("inf")
@@ -70,7 +71,11 @@ CASES = [
     ("alda", "psi-negative", lambda: fm.alda(psi=-1.0), ValueError, "psi"),
     ("malda", "aux_var-nan", lambda: fm.malda(aux_var=NAN), ValueError, "aux_var"),
     ("malda", "K-one", lambda: fm.malda(K=1), ValueError, "K"),
-    ("vpsde", "beta_min-zero", lambda: fm.vpsde(beta_min=0.0), ValueError, "beta_min"),
+    ("vpsde", "beta_min-negative", lambda: fm.vpsde(beta_min=-1.0), ValueError, "beta_min"),
+    ("cld_sgm", "mass-nan", lambda: fm.cld_sgm(mass=NAN), ValueError, "mass"),
+    ("cld_sgm", "Gamma-negative", lambda: fm.cld_sgm(Gamma=-1.0), ValueError, "Gamma"),
+    ("NoiseSeed", "torch-path", lambda: weighted_dsm(_state(), fm.NoiseSeed(3), torch.eye(2).expand(4, 2, 2)),
+     TypeError, "eps"),
     ("learned", "K-zero", lambda: fm.learned(K=0), ValueError, "K"),
     ("dsm_elbo", "x0-nan", lambda: fm.dsm_elbo(_model, _diff(), _x(value=NAN)), ValueError, "x0"),
     ("dsm_elbo", "diffusion", lambda: fm.dsm_elbo(_model, "cld", _x()), TypeError, "diffusion"),
