@@ -31,27 +31,16 @@ from torch.func import jvp, vjp, vmap
 from .backend import dispatch
 from .kernels.common import DISTRIBUTIONS, SEED_BOUND
 from .ops import draw_seed
+from .validation import check_callable, check_choice, check_int
 
 MODES = ("jvp", "vjp")
 _PROBE_STREAM = 1_000_003  # torch path: probe p of seed s uses Generator.manual_seed(s·_PROBE_STREAM + p)
 
 
-def _check_choice(value, choices, name: str) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
-
-
-def _check_positive(value, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 def sample_probes(shape, distribution: str = "rademacher", generator: torch.Generator | None = None,
                   dtype=None, device=None) -> Tensor:
     """Probes v with E[v vᵀ] = I from a torch generator: Rademacher (±1) or standard Gaussian."""
-    _check_choice(distribution, DISTRIBUTIONS, "distribution")
+    check_choice(distribution, DISTRIBUTIONS, "distribution")
     if distribution == "gaussian":
         return torch.randn(shape, generator=generator, dtype=dtype, device=device)
     return torch.randint(0, 2, shape, generator=generator, device=device).to(dtype) * 2 - 1
@@ -64,7 +53,7 @@ def materialize_probes(probes: int, sample_shape, seed: int, distribution: str =
     Triton path: the kernel's Philox probes (bit-identical to what the fused reduction
     regenerates); torch path: probe p from a generator seeded with (seed, p).
     """
-    _check_choice(distribution, DISTRIBUTIONS, "distribution")
+    check_choice(distribution, DISTRIBUTIONS, "distribution")
     if not (isinstance(seed, int) and 0 <= seed < SEED_BOUND):
         raise ValueError(f"seed must be an integer in [0, 2**31), got {seed!r}")
     dtype = dtype or torch.get_default_dtype()
@@ -119,8 +108,7 @@ def _as_mixing(mixing, u: Tensor) -> Tensor:
 
 
 def _check_input(fn, u: Tensor) -> None:
-    if not callable(fn):
-        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    check_callable(fn, "fn", "fn(u)")
     if not isinstance(u, Tensor) or not u.is_floating_point():
         raise TypeError(f"u must be a floating-point tensor, got {getattr(u, 'dtype', type(u).__name__)}")
     if u.dim() < 1 or u.shape[0] < 1 or u[0].numel() < 1:
@@ -162,10 +150,10 @@ def probe_estimates(fn, u: Tensor, probes: int = 1, *, distribution: str = "rade
     All probes in one vmapped JVP/VJP per chunk of ``chunk_size`` probes (default: all).
     """
     _check_input(fn, u)
-    _check_positive(probes, "probes")
-    _check_choice(distribution, DISTRIBUTIONS, "distribution")
-    _check_choice(mode, MODES, "mode")
-    chunk = probes if chunk_size is None else _check_positive(chunk_size, "chunk_size")
+    check_int(probes, "probes")
+    check_choice(distribution, DISTRIBUTIONS, "distribution")
+    check_choice(mode, MODES, "mode")
+    chunk = probes if chunk_size is None else check_int(chunk_size, "chunk_size")
     seed = draw_seed() if seed is None else seed
     mix = None if mixing is None else _as_mixing(mixing, u)
     B = u.shape[0]
@@ -200,7 +188,7 @@ def exact_divergence_and_output(fn, u: Tensor, mixing: Tensor | None = None,
     _check_input(fn, u)
     mix = None if mixing is None else _as_mixing(mixing, u)
     B, n_in = u.shape[0], u[0].numel()
-    chunk = n_in if chunk_size is None else _check_positive(chunk_size, "chunk_size")
+    chunk = n_in if chunk_size is None else check_int(chunk_size, "chunk_size")
     total = torch.zeros(B, dtype=torch.float64, device=u.device)
     out = None
     for first in range(0, n_in, chunk):
@@ -241,8 +229,8 @@ def hutchinson_divergence(fn, u: Tensor, probes: int = 10, distribution: str = "
     ``return_stderr``: also the per-sample standard error std_p(q_p)/√P (needs probes ≥ 2).
     Differentiable (in fn's parameters, u and N).
     """
-    if return_stderr and (not isinstance(probes, int) or probes < 2):
-        raise ValueError(f"return_stderr needs probes >= 2, got {probes!r}")
+    if return_stderr:
+        check_int(probes, "probes (with return_stderr)", minimum=2)
     q, _ = probe_estimates(fn, u, probes, distribution=distribution, mode=mode,
                            seed=draw_seed(generator), mixing=mixing, chunk_size=chunk_size)
     div = q.mean(0).to(u.dtype)
