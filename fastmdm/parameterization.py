@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from .ops import apply_kk
+from .ops import apply_kk, compute_dtype
 from .transition import TransitionKernel
 from .validation import check_choice
 
@@ -36,9 +36,11 @@ class AffineMap(NamedTuple):
     state: Tensor | None
 
     def apply(self, y: Tensor, u: Tensor) -> Tensor:
-        """The map on y (B, K_y, *data) and u (B, K, *data), in u's dtype."""
-        z = y if self.out is None else apply_kk(self.out, y)
-        return z if self.state is None else z + apply_kk(self.state, u)
+        """The map on y (B, K_y, *data) and u (B, K, *data), in ``compute_dtype(u.dtype)`` (float32 for
+        float16/bfloat16 u, whose range the blocks' entries, ~1e6 near t_min, exceed)."""
+        work = compute_dtype(u.dtype)
+        z = y.to(work) if self.out is None else apply_kk(self.out, y.to(work))
+        return z if self.state is None else z + apply_kk(self.state, u.to(work))
 
 
 class Parameterization:

@@ -25,7 +25,7 @@ from .fields import probability_flow_drift
 from .grids import GRIDS, time_grid
 from .noise_frame import diffusion_key
 from .ode import odeint_adaptive
-from .ops import apply_kk
+from .ops import apply_kk, compute_dtype
 from .parameterization import AffineMap, denoised_weights, get_parameterization
 from .sde_step import sde_step
 from .solvers import (
@@ -226,7 +226,7 @@ def _to_eps(y: Tensor, u: Tensor, emap: AffineMap, n: int) -> Tensor:
     """ε̂ at the n-th time of ``emap``'s grid from a network output y (y itself for "eps")."""
     if emap.out is None and emap.state is None:
         return y
-    return AffineMap(*(None if m is None else m[n].to(u.device) for m in emap)).apply(y, u)
+    return AffineMap(*(None if m is None else m[n].to(u.device) for m in emap)).apply(y, u).to(u.dtype)
 
 
 class _Denoiser:
@@ -235,10 +235,12 @@ class _Denoiser:
     def __init__(self, diffusion: LinearDiffusion, times: Tensor, u: Tensor):
         tk = transition_at(diffusion, times)
         self.L_inv = tk.chol_inv_t.mT.to(u.device)
-        self.w = denoised_weights(tk).to(device=u.device, dtype=u.dtype)
+        self.w = denoised_weights(tk).to(device=u.device, dtype=compute_dtype(u.dtype))
 
     def __call__(self, n: int, u: Tensor, eps: Tensor) -> Tensor:
-        return torch.einsum("k,bk...->b...", self.w[n], apply_kk(self.L_inv[n], u) - eps)
+        """In float32 for float16/bfloat16 u (L⁻¹u overflows them near t_min), returned in u's dtype."""
+        white = apply_kk(self.L_inv[n], u.to(self.w.dtype)) - eps.to(self.w.dtype)
+        return torch.einsum("k,bk...->b...", self.w[n], white).to(u.dtype)
 
 
 class Loop:

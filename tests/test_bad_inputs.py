@@ -203,22 +203,24 @@ def test_encode_reads_data_whose_first_axis_equals_k_as_data():
 
 # -- low-precision state -----------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("solver", ["euler-maruyama", "ei-ode", "ancestral", "heun", "sscs"])
-def test_low_precision_sampling_stays_finite_and_near_float32(dtype, solver):
+@pytest.mark.parametrize("solver, prediction", [("euler-maruyama", "eps"), ("ei-ode", "eps"), ("ancestral", "eps"),
+                                                ("heun", "eps"), ("sscs", "eps"), ("ei-ode", "x0")])
+def test_low_precision_sampling_stays_finite_and_near_float32(dtype, solver, prediction):
     """x_T in float16/bfloat16: the state stays in that dtype, finite, within 64 eps·max|x| of the
     float32 run from the same start (20 steps, each rounding the state once, near-t_min stiffness
     amplifying the rounding a few-fold). The exact score is evaluated in float64."""
     from fastmdm.mixtures import GaussianMixture, exact_score_model
 
     diff = _diff()
-    exact = exact_score_model(GaussianMixture([0.3, 0.7], [[1.0, 0.5], [-1.0, -0.5]], [0.3, 0.5]), diff)
+    mixture = GaussianMixture([0.3, 0.7], [[1.0, 0.5], [-1.0, -0.5]], [0.3, 0.5])
+    exact = exact_score_model(mixture, diff, prediction)
 
     def model(u, t):
         return exact(u.double(), t.double().clamp(diff.t_min, diff.T)).to(u.dtype)
 
     x_T = diff.prior_sample((256, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float32)
-    ref = fm.sample(model, diff, x_T=x_T, steps=20, solver=solver, generator=torch.Generator().manual_seed(1))
-    x = fm.sample(model, diff, x_T=x_T.to(dtype), steps=20, solver=solver,
-                  generator=torch.Generator().manual_seed(1))
+    options = dict(steps=20, solver=solver, prediction=prediction)
+    ref = fm.sample(model, diff, x_T=x_T, generator=torch.Generator().manual_seed(1), **options)
+    x = fm.sample(model, diff, x_T=x_T.to(dtype), generator=torch.Generator().manual_seed(1), **options)
     assert x.dtype == dtype and torch.isfinite(x).all()
     assert (x.float() - ref).abs().max() <= 64 * torch.finfo(dtype).eps * ref.abs().max()
