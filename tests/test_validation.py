@@ -9,7 +9,9 @@ from fastmdm.validation import (
     check_finite,
     check_instance,
     check_int,
+    check_like,
     check_number,
+    check_shape,
 )
 
 
@@ -52,3 +54,27 @@ def test_check_finite():
         check_finite(x, "x0")
     with pytest.raises(TypeError, match="x0 must be a torch.Tensor"):
         check_finite([1.0], "x0")
+
+
+def test_check_shape():
+    assert check_shape([4, 2, 3]) == (4, 2, 3) and check_shape(torch.Size([2, 1])) == (2, 1)
+    for bad in (4, "42", (2.5, 2), (True, 2)):
+        with pytest.raises(TypeError, match="shape must be a tuple"):
+            check_shape(bad)
+    for bad in ((4,), (0, 2)):
+        with pytest.raises(ValueError, match="shape must be"):
+            check_shape(bad)
+
+
+def test_check_like():
+    ref = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(3, 2, 2, generator=torch.Generator().manual_seed(1))
+    assert check_like(noise, "noise", (3, 2, 2), ref) is noise
+    with pytest.raises(TypeError, match="noise must have the data's dtype torch.float32, got torch.float64"):
+        check_like(noise.double(), "noise", (3, 2, 2), ref)
+    with pytest.raises(TypeError, match="noise must have the data's dtype"):
+        check_like(noise.long(), "noise", (3, 2, 2), ref)
+    with pytest.raises(ValueError, match=r"noise must have shape \(3, 2, 2\)"):
+        check_like(noise[:2], "noise", (3, 2, 2), ref)
+    with pytest.raises(TypeError, match="noise must be a torch.Tensor"):
+        check_like([0.0], "noise", (3, 2, 2), ref)
