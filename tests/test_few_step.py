@@ -115,13 +115,13 @@ GAUSS = GaussianMixture([1.0], torch.tensor([[1.0, -0.5]], dtype=F64), [0.3])
 
 @pytest.mark.parametrize("name", ["vpsde", "cld", "malda3"])
 def test_convergence_order_on_gaussian(name):
-    """ei-data orders 1–3 on the logsnr grid against RK45 at rtol 1e-10: log2(e_40 / e_80) ≥ p − 0.4
+    """ei-data orders 1–3 on the logsnr grid against RK45 at rtol 1e-8: log2(e_40 / e_80) ≥ p − 0.4
     (measured against a 1280-step solution: 0.98 / 2.05 / 3.03 VP, 0.88 / 2.09 / 2.75 CLD,
     0.87 / 2.00 / 3.05 MALDA(3))."""
     diff = MAKERS[name]()
     model = exact_score_model(GAUSS, diff)
     u_T = diff.prior_sample((32, 2), generator=gen())
-    ref = sample(model, diff, x_T=u_T, solver="rk45", rtol=1e-10, atol=1e-10)
+    ref = sample(model, diff, x_T=u_T, solver="rk45", rtol=1e-8, atol=1e-8)
     for order in (1, 2, 3):
         errs = [float((sample(model, diff, x_T=u_T, steps=n, solver="ei-data", order=order, grid="logsnr")
                        - ref).abs().mean()) for n in (40, 80)]
