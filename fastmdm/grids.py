@@ -3,7 +3,9 @@
 - "quadratic" (the published grid): t_i = T − (T − t_min)(1 − (1 − i/N)²), small steps near the data;
 - "uniform":   t_i = T − (T − t_min) i/N;
 - "logsnr":    uniform in φ(t) = log(e^{τ(t)} − 1) (minus the log-SNR of a VP-SDE), inverted in closed
-  form by τ = softplus(φ) and t = τ⁻¹(τ) — nearly uniform in log τ near the data.
+  form by τ = softplus(φ) and t = τ⁻¹(τ) — nearly uniform in log τ near the data;
+- "datasnr":   uniform in the data log-SNR λ = log‖L_t⁻¹a_t‖ clipped to [−2, 5] (docs/math.md §10), the
+  default of the "ei-data" solver.
 
 k-diffusion's grids, in time (σ = sqrt(e^τ − 1), the VP noise-to-signal ratio; φ = 2 log σ), for
 ``fm.sample(grid=…)``: :func:`karras_grid` (σ^{1/ρ} uniform), :func:`exponential_grid` (log σ uniform:
