@@ -59,9 +59,10 @@ def _pieces(rho: Tensor) -> tuple[Tensor, Tensor, list[int]]:
     return torch.from_numpy(np.concatenate(nodes)), torch.from_numpy(np.concatenate(weights)), counts
 
 
-def _signal(diffusion: LinearDiffusion, tau: Tensor) -> tuple[Tensor, Tensor]:
-    """σ = 1/‖c‖ (n,) and dc/dρ = −τ K⁻¹ D K⁻ᵀ c (n, K) at the given τ, c = K⁻¹a = Rᵀ L⁻¹a, float64."""
-    t = diffusion.tau_inverse(tau).clamp(diffusion.t_min, diffusion.T)
+def _signal(diffusion: LinearDiffusion, tau: Tensor, span: Tensor) -> tuple[Tensor, Tensor]:
+    """σ = 1/‖c‖ (n,) and dc/dρ = −τ K⁻¹ D K⁻ᵀ c (n, K) at the given τ (times kept in ``span``),
+    c = K⁻¹a = Rᵀ L⁻¹a, float64."""
+    t = diffusion.tau_inverse(tau).clamp(float(span.min()), float(span.max()))
     tk = transition_at(diffusion, t)
     R = rotation(diffusion, tau)
     L_inv = tk.chol_inv_t.mT
@@ -82,7 +83,7 @@ def data_multistep_plan(diffusion: LinearDiffusion, times: Tensor, order: int = 
     corrections = torch.zeros(N, order, K, dtype=torch.float64)
     if order > 1 and N > 1:
         nodes, weights, counts = _pieces(tau.log())
-        node_sigma, rate = _signal(diffusion, nodes.exp())
+        node_sigma, rate = _signal(diffusion, nodes.exp(), times)
         start = 0
         for n, m in enumerate(counts):
             span = slice(start, start + m)
