@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -29,7 +28,7 @@ from .noise_frame import rotation
 from .ops import apply_kk
 from .parameterization import denoised_weights
 from .sde_step import sde_step
-from .solvers import QUADRATURE_NODES, LinearPlan, _lagrange, ei_ode_plan, transition_at
+from .solvers import QUADRATURE_NODES, LinearPlan, _gauss_legendre, _lagrange, ei_ode_plan, transition_at
 from .validation import check_choice, check_int
 
 MAX_PIECE = 0.5  # longest Gauss–Legendre piece in ρ = log τ
@@ -48,15 +47,14 @@ class DataPlan(NamedTuple):
 
 def _pieces(rho: Tensor) -> tuple[Tensor, Tensor, list[int]]:
     """Gauss–Legendre nodes and oriented weights in ρ on every step, split into pieces ≤ MAX_PIECE."""
-    x, w = np.polynomial.legendre.leggauss(QUADRATURE_NODES)
-    nodes, weights, counts = [], [], []
+    lows, highs, counts = [], [], []
     for lo, hi in zip(rho[:-1].tolist(), rho[1:].tolist(), strict=True):
-        edges = np.linspace(lo, hi, max(1, math.ceil(abs(hi - lo) / MAX_PIECE)) + 1)
-        half = (edges[1:] - edges[:-1])[:, None] / 2
-        nodes.append(((edges[1:] + edges[:-1])[:, None] / 2 + half * x).ravel())
-        weights.append((half * w).ravel())
-        counts.append(nodes[-1].size)
-    return torch.from_numpy(np.concatenate(nodes)), torch.from_numpy(np.concatenate(weights)), counts
+        edges = torch.linspace(lo, hi, max(1, math.ceil(abs(hi - lo) / MAX_PIECE)) + 1, dtype=torch.float64)
+        lows.append(edges[:-1])
+        highs.append(edges[1:])
+        counts.append((edges.numel() - 1) * QUADRATURE_NODES)
+    nodes, weights = _gauss_legendre(torch.cat(lows), torch.cat(highs), QUADRATURE_NODES)
+    return nodes.flatten(), weights.flatten(), counts
 
 
 def _signal(diffusion: LinearDiffusion, tau: Tensor, span: Tensor) -> tuple[Tensor, Tensor]:
