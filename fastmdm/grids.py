@@ -3,7 +3,9 @@
 - "quadratic" (the published grid): t_i = T − (T − t_min)(1 − (1 − i/N)²), small steps near the data;
 - "uniform":   t_i = T − (T − t_min) i/N;
 - "logsnr":    uniform in φ(t) = log(e^{τ(t)} − 1) (minus the log-SNR of a VP-SDE), inverted in closed
-  form by τ = softplus(φ) and t = τ⁻¹(τ) — nearly uniform in log τ near the data.
+  form by τ = softplus(φ) and t = τ⁻¹(τ) — nearly uniform in log τ near the data;
+- "datasnr":   uniform in the data log-SNR λ = log‖L_t⁻¹a_t‖ clipped to [−2, 5] (docs/math.md §10), the
+  default of the "ei-data" solver.
 
 k-diffusion's grids, in time (σ = sqrt(e^τ − 1), the VP noise-to-signal ratio; φ = 2 log σ), for
 ``fm.sample(grid=…)``: :func:`karras_grid` (σ^{1/ρ} uniform), :func:`exponential_grid` (log σ uniform:
@@ -20,7 +22,42 @@ from .diffusion import LinearDiffusion
 from .schedules import sigma_from_tau, tau_from_sigma
 from .validation import check_choice, check_int, check_number
 
-GRIDS = ("quadratic", "uniform", "logsnr")
+GRIDS = ("quadratic", "uniform", "logsnr", "datasnr")
+DATA_SNR_WINDOW = (-2.0, 5.0)  # λ = log‖L⁻¹a‖ range where a unit-scale data law's detail lives
+OUTSIDE_DENSITY = 0.02  # relative step density outside the window: every step still shrinks as N grows
+_DENSE = 2001
+
+
+def data_log_snr(diffusion: LinearDiffusion, times: Tensor) -> Tensor:
+    """λ(t) = log‖L_t⁻¹ a_t‖ = ½ log(a_tᵀ Σ_t⁻¹ a_t), a_t = M_t[:, 0]: the data variable's log-SNR
+    under the hybrid start (float64, CPU); for the VP-SDE it is log(α/σ)."""
+    with torch.no_grad():
+        tk = diffusion.transition_f64(times.to(torch.float64).cpu(), "hybrid")
+    return (tk.chol_inv_t.mT @ tk.mean_coef[..., :1])[..., 0].norm(dim=-1).log()
+
+
+def data_snr_grid(diffusion: LinearDiffusion, steps: int, t_min: float | None = None,
+                  t_max: float | None = None) -> Tensor:
+    """Times uniform in g(λ) = clip(λ) + OUTSIDE_DENSITY (λ − clip(λ)), clip to DATA_SNR_WINDOW.
+
+    λ is tabulated on a dense grid in ρ = log τ and made non-decreasing; each level is inverted by
+    linear interpolation in ρ (docs/math.md §10).
+    """
+    steps = check_int(steps, "steps")
+    lo, hi = diffusion.t_min if t_min is None else t_min, diffusion.T if t_max is None else t_max
+    ends = diffusion.tau(torch.tensor([hi, lo], dtype=torch.float64)).log()
+    rho = torch.linspace(float(ends[0]), float(ends[1]), _DENSE, dtype=torch.float64)
+    lam = data_log_snr(diffusion, diffusion.tau_inverse(rho.exp()).clamp(lo, hi))
+    inside = lam.clamp(*DATA_SNR_WINDOW)
+    g = torch.cummax(inside + OUTSIDE_DENSITY * (lam - inside), 0).values
+    levels = g[0] + (g[-1] - g[0]) * torch.arange(1, steps, dtype=torch.float64) / steps
+    i = torch.searchsorted(g, levels).clamp(1, _DENSE - 1)
+    frac = (levels - g[i - 1]) / (g[i] - g[i - 1])
+    inner = rho[i - 1] + frac * (rho[i] - rho[i - 1])
+    t = torch.cat([torch.tensor([hi], dtype=torch.float64), diffusion.tau_inverse(inner.exp()),
+                   torch.tensor([lo], dtype=torch.float64)])
+    return t
+
 
 
 def time_grid(diffusion: LinearDiffusion, steps: int, kind: str = "quadratic",
@@ -29,6 +66,8 @@ def time_grid(diffusion: LinearDiffusion, steps: int, kind: str = "quadratic",
     (float64)."""
     steps = check_int(steps, "steps")
     check_choice(kind, GRIDS, "grid")
+    if kind == "datasnr":
+        return data_snr_grid(diffusion, steps, t_min, t_max)
     lo, hi = diffusion.t_min if t_min is None else t_min, diffusion.T if t_max is None else t_max
     frac = torch.arange(steps + 1, dtype=torch.float64) / steps
     if kind == "quadratic":

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .data_multistep import check_data_multistep, data_multistep_plan, run_data_multistep
 from .diffusion import TIME_SLACK, LinearDiffusion
 from .fields import probability_flow_drift
 from .grids import GRIDS, time_grid
@@ -393,6 +394,8 @@ register_solver(Solver("heun", heun_plan, run_heun, nfe_per_step=2, full_score=F
 register_solver(Solver("rk45", adaptive_plan, run_adaptive, options={"rtol": 1e-4, "atol": 1e-4},
                        check=check_tolerances, corrector=False, full_score=False))
 register_solver(Solver("sscs", sscs_plan, run_linear, full_score=False))
+register_solver(Solver("ei-data", data_multistep_plan, run_data_multistep, grid="datasnr",
+                       options={"order": 3}, check=check_data_multistep))
 
 
 @staged("sample")

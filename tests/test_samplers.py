@@ -299,7 +299,7 @@ def test_encode_decode_round_trip():
 def test_bad_inputs():
     diff = fm.cld()
     model = exact_score_model(MIX, diff)
-    assert SOLVERS == ("euler-maruyama", "ei-ode", "ancestral", "heun", "rk45", "sscs")
+    assert SOLVERS == ("euler-maruyama", "ei-ode", "ancestral", "heun", "rk45", "sscs", "ei-data")
     cases = [
         (dict(shape=(4,)), ValueError, "shape"), (dict(steps=0), ValueError, "steps"),
         (dict(steps=2.5), ValueError, "steps"), (dict(solver="ddim"), ValueError, "solver"),
