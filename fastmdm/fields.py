@@ -21,12 +21,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .adapters import resolve_model
 from .diffusion import LinearDiffusion
 from .divergence import divergence_and_output
 from .ops import apply_kk, data_dim, draw_seed
-from .parameterization import AffineMap, Parameterization, get_parameterization
+from .parameterization import AffineMap, Parameterization
 from .transition import TransitionKernel
-from .validation import check_callable, check_instance
 
 
 class FieldEvaluation(NamedTuple):
@@ -85,12 +85,9 @@ class ProbabilityFlow:
     the probe reduction. t: a float or a (B,) tensor in [t_min, T].
     """
 
-    def __init__(self, model, diffusion: LinearDiffusion, prediction: str = "eps"):
-        check_callable(model, "model", "model(u, t)")
-        check_instance(diffusion, LinearDiffusion, "diffusion")
-        self.model, self.diffusion = model, diffusion
-        self.parameterization = get_parameterization(prediction)
-        self.parameterization.check_diffusion(diffusion)
+    def __init__(self, model, diffusion: LinearDiffusion, prediction: str | None = None):
+        self.model, self.parameterization = resolve_model(model, diffusion, prediction)
+        self.diffusion = diffusion
 
     def _evaluate(self, u: Tensor, t, divergence: dict | None) -> FieldEvaluation:
         self.diffusion.check_state(u)
@@ -113,7 +110,8 @@ class ProbabilityFlow:
         return evaluation.value, evaluation.divergence
 
 
-def probability_flow_drift(model, diffusion: LinearDiffusion, prediction: str = "eps") -> ProbabilityFlow:
+def probability_flow_drift(model, diffusion: LinearDiffusion,
+                           prediction: str | None = None) -> ProbabilityFlow:
     """The probability-flow drift h(u, t) = β(t)[A u − D s(u, t)] as a callable (see ProbabilityFlow)."""
     return ProbabilityFlow(model, diffusion, prediction)
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .adapters import resolve_model
 from .diffusion import TIME_SLACK, LinearDiffusion
 from .fields import probability_flow_drift
 from .grids import GRIDS, time_grid
@@ -55,20 +56,6 @@ from .validation import check_callable, check_choice, check_instance, check_int,
 CORRECTORS = (None, "langevin")
 _PLAN_CACHE_SIZE = 32
 _plans: OrderedDict = OrderedDict()
-
-
-def resolve_model(model, diffusion: LinearDiffusion, prediction: str | None) -> tuple[Callable, str]:
-    """(callable, prediction): adapters from :mod:`fastmdm.adapters` carry their own prediction."""
-    check_callable(model, "model", "model(u, t)")
-    check_instance(diffusion, LinearDiffusion, "diffusion")
-    bind = getattr(model, "bind", None)
-    if bind is not None:
-        model = bind(diffusion)
-    if prediction is None:
-        prediction = getattr(model, "prediction", "eps")
-    param = get_parameterization(prediction)
-    param.check_diffusion(diffusion)
-    return model, param.name
 
 
 def _check_full_score(prediction: str, solver: str, entry: Solver, corrector, denoise: bool) -> None:
@@ -415,6 +402,7 @@ def sample(model, diffusion: LinearDiffusion, shape=None, steps: int | None = No
     if callback is not None:
         check_callable(callback, "callback", "callback(info)")
     model, prediction = resolve_model(model, diffusion, prediction)
+    prediction = prediction.name
     denoise = get_parameterization(prediction).full_score if denoise is None else denoise
     check_instance(denoise, bool, "denoise")
     _check_full_score(prediction, solver, entry, corrector, denoise)
@@ -455,6 +443,7 @@ def encode(model, diffusion: LinearDiffusion, x: Tensor, prediction: str | None 
     A state (B, K, *data_shape) may be passed as x instead. Adaptive RK45 in ρ = log τ.
     """
     model, prediction = resolve_model(model, diffusion, prediction)
+    prediction = prediction.name
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError("x must be a floating-point tensor (B, *data_shape) or a state (B, K, *data_shape)")
     if x.dim() >= 3 and x.shape[1] == diffusion.K and aux is None and generator is None and diffusion.K > 1:
@@ -478,6 +467,7 @@ def decode(model, diffusion: LinearDiffusion, z: Tensor, prediction: str | None 
            atol: float = 1e-6, return_state: bool = False, return_info: bool = False):
     """The inverse map latent u(T) = z ↦ u(t_min); returns the data part (or the state)."""
     model, prediction = resolve_model(model, diffusion, prediction)
+    prediction = prediction.name
     diffusion.check_state(z, "z")
     out = _pf_solve(model, diffusion, prediction, z, False, rtol, atol, return_info)
     u, info = out if return_info else (out, None)
