@@ -7,7 +7,9 @@ K×K S, G is F = ((S + G S_state) ⊗ I) u + ((G S_out) ⊗ I) y and
     ∇·F = tr(S + G S_state) · d + tr(((G S_out) ⊗ I) ∂y/∂u),
 
 the last term by Hutchinson probes (or exactly) with G S_out as the mixing matrix of
-:mod:`fastmdm.divergence` — the K×K algebra never touches the network output tensor. The
+:mod:`fastmdm.divergence` — the K×K algebra never touches the network output tensor. A model
+that calls torch.autograd itself (an energy model, s = −∇E) is detected by torch.func's refusal
+and differentiated by torch.autograd instead. The
 ELBO's implicit score-matching term and the likelihood both evaluate such fields. The
 probability-flow drift is S = β(t) A, G = −β(t) D:
 
@@ -16,6 +18,8 @@ probability-flow drift is S = β(t) A, G = −β(t) D:
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -23,7 +27,7 @@ from torch import Tensor
 
 from .adapters import resolve_model
 from .diffusion import LinearDiffusion
-from .divergence import divergence_and_output
+from .divergence import divergence_and_output, is_functorch_conflict
 from .ops import apply_kk, data_dim, draw_seed
 from .parameterization import AffineMap, Parameterization
 from .transition import TransitionKernel
@@ -68,13 +72,34 @@ def score_linear_field(model, diffusion: LinearDiffusion, parameterization: Para
     if divergence is None:
         y, div = fn(u), None
     else:
-        div, y = divergence_and_output(fn, u, out_mat, **divergence)
+        div, y = _divergence_and_output(model, fn, u, out_mat, divergence)
         if state is not None:
             div = div + torch.diagonal(state, dim1=-2, dim2=-1).sum(-1) * d
     value = apply_kk(out_mat, y)
     if state is not None:
         value = value + apply_kk(state, u)
     return FieldEvaluation(value, div, y, smap)
+
+
+_AUTOGRAD_MODELS: weakref.WeakSet = weakref.WeakSet()  # models that call torch.autograd inside
+
+
+def _divergence_and_output(model, fn, u: Tensor, mixing: Tensor, options: dict) -> tuple[Tensor, Tensor]:
+    """divergence_and_output by torch.func; for a model that calls torch.autograd itself (an energy
+    model, s = −∇E), which torch.func refuses, by torch.autograd (remembered for the model)."""
+    try:
+        known = model in _AUTOGRAD_MODELS
+    except TypeError:  # not weakly referenceable: detected on every call
+        known = False
+    if not known:
+        try:
+            return divergence_and_output(fn, u, mixing, **options)
+        except RuntimeError as err:
+            if not is_functorch_conflict(err):
+                raise
+        with contextlib.suppress(TypeError):
+            _AUTOGRAD_MODELS.add(model)
+    return divergence_and_output(fn, u, mixing, **options, autograd=True)
 
 
 class ProbabilityFlow:
