@@ -572,10 +572,26 @@ def mean_and_stderr(values: Tensor) -> tuple[float, float]:
 def evaluate_bpd(mdm: MDM, x: Tensor, method: str = "elbo", batch_size: int = 256, repeats: int = 1,
                  seed: int = 0, progress: bool = False, **ode_kwargs) -> tuple[float, float, Tensor]:
     """Bits per dim over a data set in batches: (mean, standard error, per-sample values);
-    ``progress`` shows a tqdm bar over the batches."""
+    ``progress`` shows a tqdm bar over the examples with the estimated time left and the network
+    evaluations of the batch in progress."""
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    starts = tqdm(range(0, x.shape[0], batch_size), desc=f"{method} bpd", unit="batch", disable=not progress)
-    values = [mdm.bpd(x[i: i + batch_size], method, generator, repeats, **ode_kwargs) for i in starts]
+    values = []
+    with tqdm(total=x.shape[0], desc=f"{method} bpd", unit="example", disable=not progress) as bar:
+        nfe = [0]
+
+        def count(*_):
+            nfe[0] += 1
+            bar.set_postfix(nfe=nfe[0])
+
+        hook = mdm.score_model.register_forward_hook(count) if progress else None
+        try:
+            for i in range(0, x.shape[0], batch_size):
+                nfe[0] = 0
+                values.append(mdm.bpd(x[i: i + batch_size], method, generator, repeats, **ode_kwargs))
+                bar.update(values[-1].shape[0])
+        finally:
+            if hook is not None:
+                hook.remove()
     per_sample = torch.cat(values)
     return (*mean_and_stderr(per_sample), per_sample)
 
