@@ -167,11 +167,11 @@ def resolve_model(model, diffusion: LinearDiffusion,
     if prediction is not None and own is not None and prediction != own:
         raise ValueError(f"prediction={prediction!r} conflicts with the model's own prediction {own!r} "
                          f"({type(model).__name__}); omit prediction= or pass {own!r}")
+    parameterization = get_parameterization(prediction or own or "eps")
+    parameterization.check_diffusion(diffusion)
     bind = getattr(model, "bind", None)
     if callable(bind):
         model = bind(diffusion)
-    parameterization = get_parameterization(prediction or own or "eps")
-    parameterization.check_diffusion(diffusion)
     return model, parameterization
 
 
