@@ -4,6 +4,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from fastmdm.cli import EVAL_ODE_N, EVAL_RTOL, FULL_RTOL, _eval_settings, build_parser, main
 
@@ -22,7 +23,7 @@ def test_eval_defaults_are_quick_and_say_how_to_run_the_full_evaluation(tiny_run
     out = tmp_path / "eval.json"
     assert main(["eval", "--ckpt", tiny_run, "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["ode"]["n"] == EVAL_ODE_N and result["ode"]["rtol"] == EVAL_RTOL
+    assert result["ode"]["n"] == EVAL_ODE_N and result["ode"]["rtol"] == EVAL_RTOL and result["ode"]["mode"] == "vjp"
     assert result["elbo"]["n"] == result["n"] > EVAL_ODE_N  # the ELBO on every example
     for method in ("elbo", "ode"):
         assert result[method]["ci95"][0] < result[method]["bpd"] < result[method]["ci95"][1]
@@ -36,14 +37,15 @@ def test_eval_defaults_are_quick_and_say_how_to_run_the_full_evaluation(tiny_run
 
 
 def test_full_and_explicit_settings():
-    parse = build_parser().parse_args
-    quick = _eval_settings(parse(["eval", "--ckpt", "x"]), 400)
+    parse, cpu = build_parser().parse_args, torch.device("cpu")
+    quick = _eval_settings(parse(["eval", "--ckpt", "x"]), 400, cpu)
     assert quick["ode"][0] == EVAL_ODE_N and quick["ode"][2]["rtol"] == EVAL_RTOL and quick["elbo"][0] == 400
-    full = _eval_settings(parse(["eval", "--ckpt", "x", "--full"]), 400)
-    assert full["ode"][0] == 400 and full["ode"][2] == {"rtol": FULL_RTOL, "atol": FULL_RTOL}
-    asked = _eval_settings(parse(["eval", "--ckpt", "x", "--full", "--rtol", "1e-4", "--ode-n", "10"]), 400)
+    full = _eval_settings(parse(["eval", "--ckpt", "x", "--full"]), 400, cpu)
+    assert full["ode"][0] == 400 and full["ode"][2] == {"rtol": FULL_RTOL, "atol": FULL_RTOL, "mode": "vjp"}
+    assert _eval_settings(parse(["eval", "--ckpt", "x"]), 400, torch.device("cuda"))["ode"][2]["mode"] == "jvp"
+    asked = _eval_settings(parse(["eval", "--ckpt", "x", "--full", "--rtol", "1e-4", "--ode-n", "10"]), 400, cpu)
     assert asked["ode"][0] == 10 and asked["ode"][2]["rtol"] == 1e-4
-    assert _eval_settings(parse(["eval", "--ckpt", "x", "--ode-n", "0"]), 7)["ode"][0] == 7
+    assert _eval_settings(parse(["eval", "--ckpt", "x", "--ode-n", "0"]), 7, cpu)["ode"][0] == 7
 
 
 @pytest.mark.parametrize("module, args, extra", [
