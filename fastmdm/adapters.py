@@ -14,15 +14,21 @@ A VP-SDE (fastmdm.vpsde, K = 1) state is u = x_t = α_t x₀ + σ_t ε with α_t
 A model may return a diffusers output object (``UNet2DOutput``): its ``.sample`` is used. A diffusers
 DDPM UNet on its exact discrete schedule: ``from_score_sde(unet, time_scale=N - 1)`` with the diffusion
 of :class:`fastmdm.integrations.diffusers.FastMDMScheduler` (``scheduler.diffusion``).
+
+:func:`resolve_model` is the one place that turns (model, prediction) into what the samplers,
+the objectives and the likelihood evaluate: an adapter's own prediction is used unless a
+different one is asked for, which is an error.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from .diffusion import LinearDiffusion
-from .parameterization import get_parameterization
+from .parameterization import Parameterization, get_parameterization
 from .validation import check_callable, check_choice, check_instance, check_number
 
 
@@ -143,6 +149,32 @@ def from_cld_sgm(score_model, numerical_eps: float = 1e-6, mixed_score: bool = F
     return CLDSGMModel(score_model, numerical_eps, mixed_score, objective, diffusion)
 
 
+def resolve_model(model, diffusion: LinearDiffusion,
+                  prediction: str | None = None) -> tuple[Callable, Parameterization]:
+    """(callable model(u, t), its parameterisation) for ``model`` under ``diffusion``.
+
+    An adapter (anything with ``bind`` and/or ``prediction``) is bound to the diffusion and read
+    with its own prediction; an explicit ``prediction`` that differs from it raises ValueError.
+    Without either, "eps".
+    """
+    check_callable(model, "model", "model(u, t)")
+    check_instance(diffusion, LinearDiffusion, "diffusion")
+    if prediction is not None:
+        get_parameterization(prediction)
+    own = getattr(model, "prediction", None)
+    if not isinstance(own, str):
+        own = None
+    if prediction is not None and own is not None and prediction != own:
+        raise ValueError(f"prediction={prediction!r} conflicts with the model's own prediction {own!r} "
+                         f"({type(model).__name__}); omit prediction= or pass {own!r}")
+    parameterization = get_parameterization(prediction or own or "eps")
+    parameterization.check_diffusion(diffusion)
+    bind = getattr(model, "bind", None)
+    if callable(bind):
+        model = bind(diffusion)
+    return model, parameterization
+
+
 def from_score_sde(eps_model, time_scale: float = 1.0) -> ScoreSDEModel:
     """Wrap a score_sde-style noise predictor eps_model(x, t) for a VP-SDE (K = 1)."""
     return ScoreSDEModel(eps_model, time_scale)
@@ -154,4 +186,4 @@ def from_k_diffusion(denoiser, diffusion: LinearDiffusion | None = None) -> KDif
 
 
 __all__ = ["CLDSGMModel", "KDiffusionModel", "ScoreSDEModel", "from_cld_sgm", "from_k_diffusion",
-           "from_score_sde"]
+           "from_score_sde", "resolve_model"]

@@ -15,6 +15,10 @@ q = Σ_{k,l,j} v[k, j] N[k, l] w[l, j] (``fastmdm.kernels.hutchinson`` fuses it 
 regenerating v from its seed). For one probe, with S = (NJ + (NJ)ᵀ)/2,
 Var = 2 Σ_{i≠j} S_ij² (Rademacher) or 2‖S‖_F² (Gaussian).
 
+A model that calls torch.autograd itself (an energy model, s = −∇E) cannot run under torch.func;
+with ``autograd=True`` the same products come from torch.autograd with ``create_graph``: Jᵀv by
+one backward pass, J v by differentiating the linear map a ↦ Jᵀa once more (double backward).
+
 Probes are a function of an integer seed: on the Triton path probe entry i of the whole
 (P, B, K, d) set is Philox(seed, i) (any chunking gives the same probes); on the torch path
 probe p is drawn from a ``torch.Generator`` seeded with (seed, p).
@@ -132,6 +136,50 @@ def _variables(u: Tensor, out: Tensor, mixing: Tensor | None) -> tuple[Tensor, i
     return mixing, k_in, k_out, u[0, 0].numel()
 
 
+def is_functorch_conflict(err: BaseException) -> bool:
+    """True for torch.func's refusal of a function that uses torch.autograd inside (requires_grad_, grad)."""
+    return isinstance(err, RuntimeError) and "functorch" in str(err)
+
+
+class _AutogradProducts:
+    """fn(u) and its Jacobian products by torch.autograd, for an fn that calls torch.autograd itself.
+
+    vjp: Jᵀv = ∂(outᵀ v)/∂u; jvp: J v = ∂((Jᵀa)ᵀ v)/∂a (Jᵀa is linear in a). The graph is kept
+    (``create_graph``) when gradients are enabled, so the results stay differentiable.
+    """
+
+    def __init__(self, fn, u: Tensor):
+        self.keep_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            self.u = u if u.requires_grad else u.detach().requires_grad_()
+            self.out = fn(self.u)
+        self.dummy, self.transposed = None, None
+
+    def output(self) -> Tensor:
+        return self.out if self.keep_graph else self.out.detach()
+
+    @staticmethod
+    def _grads(outputs: Tensor, inputs: Tensor, vectors: Tensor, keep_graph: bool) -> Tensor:
+        """(∂(outputsᵀ v)/∂inputs for v in vectors), stacked."""
+        return torch.stack([
+            torch.autograd.grad(outputs, inputs, v, retain_graph=True, create_graph=keep_graph,
+                                allow_unused=True, materialize_grads=True)[0]
+            for v in vectors])
+
+    def vjp(self, vectors: Tensor) -> Tensor:
+        """Jᵀ v for each v of ``vectors`` (P, *out.shape): (P, *u.shape)."""
+        with torch.enable_grad():
+            return self._grads(self.out, self.u, vectors, self.keep_graph)
+
+    def jvp(self, tangents: Tensor) -> Tensor:
+        """J t for each t of ``tangents`` (P, *u.shape): (P, *out.shape)."""
+        with torch.enable_grad():
+            if self.transposed is None:
+                self.dummy = torch.zeros_like(self.out, requires_grad=True)
+                self.transposed = self._grads(self.out, self.u, self.dummy[None], True)[0]
+            return self._grads(self.transposed, self.dummy, tangents, self.keep_graph)
+
+
 def _batched(call, tangents: Tensor, out_dims):
     """vmap of ``call`` over the leading dim; a single probe skips vmap (its batch-of-one path is slow)."""
     if tangents.shape[0] > 1:
@@ -143,11 +191,12 @@ def _batched(call, tangents: Tensor, out_dims):
 
 def probe_estimates(fn, u: Tensor, probes: int = 1, *, distribution: str = "rademacher",
                     mode: str = "jvp", seed: int | None = None, mixing: Tensor | None = None,
-                    chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+                    chunk_size: int | None = None, autograd: bool = False) -> tuple[Tensor, Tensor]:
     """One estimate per probe of ∇·((N ⊗ I) fn)(u): returns (q (P, B) float64, fn(u)).
 
     q[p] = v_pᵀ (N ⊗ I) J v_p (jvp) or (Jᵀ v_p)ᵀ (N ⊗ I) v_p (vjp); N = 1 without mixing.
-    All probes in one vmapped JVP/VJP per chunk of ``chunk_size`` probes (default: all).
+    All probes in one vmapped JVP/VJP per chunk of ``chunk_size`` probes (default: all);
+    ``autograd``: by torch.autograd instead, for an fn that calls torch.autograd itself.
     """
     _check_input(fn, u)
     check_int(probes, "probes")
@@ -157,30 +206,38 @@ def probe_estimates(fn, u: Tensor, probes: int = 1, *, distribution: str = "rade
     seed = draw_seed() if seed is None else seed
     mix = None if mixing is None else _as_mixing(mixing, u)
     B = u.shape[0]
+    products = _AutogradProducts(fn, u) if autograd else None
     estimates, out, pullback = [], None, None
     for first in range(0, probes, chunk):
         n = min(chunk, probes - first)
         if mode == "jvp":
             v = materialize_probes(n, u.shape, seed, distribution, u.dtype, u.device, first)
-            out, w = _batched(lambda t: jvp(fn, (u,), (t,)), v, (None, 0))
+            if products is None:
+                out, w = _batched(lambda t: jvp(fn, (u,), (t,)), v, (None, 0))
+            else:
+                out, w = products.output(), products.jvp(v)
             N, k_in, k_out, d = _variables(u, out, mix)
             q = probe_quadratic_forms(w.reshape(n, B, k_out, d), N, v.view(n, B, k_in, d), seed,
                                       distribution, first)
         else:
-            if pullback is None:
-                out, pullback = vjp(fn, u)
+            if out is None:
+                if products is None:
+                    out, pullback = vjp(fn, u)
+                else:
+                    out = products.output()
                 N, k_in, k_out, d = _variables(u, out, mix)
             v = materialize_probes(n, out.shape, seed, distribution, out.dtype, u.device, first)
-            (w,) = _batched(pullback, v, 0)
+            w = _batched(pullback, v, 0)[0] if products is None else products.vjp(v)
             q = probe_quadratic_forms(w.reshape(n, B, k_in, d).to(v.dtype), N.transpose(1, 2),
                                       v.view(n, B, k_out, d), seed, distribution, first)
         estimates.append(q)
     return torch.cat(estimates), out
 
 
-def exact_divergence_and_output(fn, u: Tensor, mixing: Tensor | None = None,
-                                chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
-    """tr((N ⊗ I) J) exactly, one JVP per input coordinate (vmapped in chunks): ((B,) float64, fn(u)).
+def exact_divergence_and_output(fn, u: Tensor, mixing: Tensor | None = None, chunk_size: int | None = None,
+                                autograd: bool = False) -> tuple[Tensor, Tensor]:
+    """tr((N ⊗ I) J) exactly, one JVP per input coordinate (vmapped in chunks; by torch.autograd
+    with ``autograd``): ((B,) float64, fn(u)).
 
     With e_i the i-th basis vector of one sample's input (coordinate (k, j)):
     tr((N ⊗ I) J) = Σ_i Σ_l N[k, l] (J e_i)[l, j].
@@ -190,13 +247,17 @@ def exact_divergence_and_output(fn, u: Tensor, mixing: Tensor | None = None,
     B, n_in = u.shape[0], u[0].numel()
     chunk = n_in if chunk_size is None else check_int(chunk_size, "chunk_size")
     total = torch.zeros(B, dtype=torch.float64, device=u.device)
+    products = _AutogradProducts(fn, u) if autograd else None
     out = None
     for first in range(0, n_in, chunk):
         index = torch.arange(first, min(first + chunk, n_in), device=u.device)
         basis = torch.zeros((index.numel(), n_in), dtype=u.dtype, device=u.device)
         basis[torch.arange(index.numel(), device=u.device), index] = 1
         tangents = basis.view(index.numel(), 1, *u.shape[1:]).expand(index.numel(), *u.shape)
-        out, w = vmap(lambda t: jvp(fn, (u,), (t,)), out_dims=(None, 0), randomness="same")(tangents)
+        if products is None:
+            out, w = vmap(lambda t: jvp(fn, (u,), (t,)), out_dims=(None, 0), randomness="same")(tangents)
+        else:
+            out, w = products.output(), products.jvp(tangents)
         N, _, k_out, d = _variables(u, out, mix)
         k, j = index // d, index % d
         picked = w.reshape(index.numel(), B, k_out, d)[torch.arange(index.numel(), device=u.device), :, :, j]
@@ -206,12 +267,14 @@ def exact_divergence_and_output(fn, u: Tensor, mixing: Tensor | None = None,
 
 def divergence_and_output(fn, u: Tensor, mixing: Tensor | None = None, *, exact: bool = False,
                           probes: int = 1, distribution: str = "rademacher", mode: str = "jvp",
-                          seed: int | None = None, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
-    """(∇·((N ⊗ I) fn)(u) (B,) float64, fn(u)): exact, or the mean of ``probes`` probes of ``seed``."""
+                          seed: int | None = None, chunk_size: int | None = None,
+                          autograd: bool = False) -> tuple[Tensor, Tensor]:
+    """(∇·((N ⊗ I) fn)(u) (B,) float64, fn(u)): exact, or the mean of ``probes`` probes of ``seed``;
+    ``autograd``: by torch.autograd (for an fn that calls it itself), not torch.func."""
     if exact:
-        return exact_divergence_and_output(fn, u, mixing, chunk_size)
+        return exact_divergence_and_output(fn, u, mixing, chunk_size, autograd)
     q, out = probe_estimates(fn, u, probes, distribution=distribution, mode=mode, seed=seed,
-                             mixing=mixing, chunk_size=chunk_size)
+                             mixing=mixing, chunk_size=chunk_size, autograd=autograd)
     return q.mean(0), out
 
 

@@ -7,7 +7,9 @@ K×K S, G is F = ((S + G S_state) ⊗ I) u + ((G S_out) ⊗ I) y and
     ∇·F = tr(S + G S_state) · d + tr(((G S_out) ⊗ I) ∂y/∂u),
 
 the last term by Hutchinson probes (or exactly) with G S_out as the mixing matrix of
-:mod:`fastmdm.divergence` — the K×K algebra never touches the network output tensor. The
+:mod:`fastmdm.divergence` — the K×K algebra never touches the network output tensor. A model
+that calls torch.autograd itself (an energy model, s = −∇E) is detected by torch.func's refusal
+and differentiated by torch.autograd instead. The
 ELBO's implicit score-matching term and the likelihood both evaluate such fields. The
 probability-flow drift is S = β(t) A, G = −β(t) D:
 
@@ -16,17 +18,19 @@ probability-flow drift is S = β(t) A, G = −β(t) D:
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from .adapters import resolve_model
 from .diffusion import LinearDiffusion
-from .divergence import divergence_and_output
+from .divergence import divergence_and_output, is_functorch_conflict
 from .ops import apply_kk, compute_dtype, data_dim, draw_seed
-from .parameterization import AffineMap, Parameterization, get_parameterization
+from .parameterization import AffineMap, Parameterization
 from .transition import TransitionKernel
-from .validation import check_callable, check_instance
 
 
 class FieldEvaluation(NamedTuple):
@@ -70,7 +74,7 @@ def score_linear_field(model, diffusion: LinearDiffusion, parameterization: Para
     if divergence is None:
         y, div = fn(u), None
     else:
-        div, y = divergence_and_output(fn, u, out_mat, **divergence)
+        div, y = _divergence_and_output(model, fn, u, out_mat, divergence)
         if state is not None:
             div = div + torch.diagonal(state, dim1=-2, dim2=-1).sum(-1) * d
     y = y.to(compute_dtype(u.dtype))  # the maps' entries overflow float16 near t_min
@@ -78,6 +82,27 @@ def score_linear_field(model, diffusion: LinearDiffusion, parameterization: Para
     if state is not None:
         value = value + apply_kk(state, u.to(y.dtype))
     return FieldEvaluation(value, div, y, smap)
+
+
+_AUTOGRAD_MODELS: weakref.WeakSet = weakref.WeakSet()  # models that call torch.autograd inside
+
+
+def _divergence_and_output(model, fn, u: Tensor, mixing: Tensor, options: dict) -> tuple[Tensor, Tensor]:
+    """divergence_and_output by torch.func; for a model that calls torch.autograd itself (an energy
+    model, s = −∇E), which torch.func refuses, by torch.autograd (remembered for the model)."""
+    try:
+        known = model in _AUTOGRAD_MODELS
+    except TypeError:  # not weakly referenceable: detected on every call
+        known = False
+    if not known:
+        try:
+            return divergence_and_output(fn, u, mixing, **options)
+        except RuntimeError as err:
+            if not is_functorch_conflict(err):
+                raise
+        with contextlib.suppress(TypeError):
+            _AUTOGRAD_MODELS.add(model)
+    return divergence_and_output(fn, u, mixing, **options, autograd=True)
 
 
 class ProbabilityFlow:
@@ -88,12 +113,9 @@ class ProbabilityFlow:
     the probe reduction. t: a float or a (B,) tensor in [t_min, T].
     """
 
-    def __init__(self, model, diffusion: LinearDiffusion, prediction: str = "eps"):
-        check_callable(model, "model", "model(u, t)")
-        check_instance(diffusion, LinearDiffusion, "diffusion")
-        self.model, self.diffusion = model, diffusion
-        self.parameterization = get_parameterization(prediction)
-        self.parameterization.check_diffusion(diffusion)
+    def __init__(self, model, diffusion: LinearDiffusion, prediction: str | None = None):
+        self.model, self.parameterization = resolve_model(model, diffusion, prediction)
+        self.diffusion = diffusion
 
     def _evaluate(self, u: Tensor, t, divergence: dict | None) -> FieldEvaluation:
         self.diffusion.check_state(u)
@@ -116,7 +138,8 @@ class ProbabilityFlow:
         return evaluation.value.to(u.dtype), evaluation.divergence
 
 
-def probability_flow_drift(model, diffusion: LinearDiffusion, prediction: str = "eps") -> ProbabilityFlow:
+def probability_flow_drift(model, diffusion: LinearDiffusion,
+                           prediction: str | None = None) -> ProbabilityFlow:
     """The probability-flow drift h(u, t) = β(t)[A u − D s(u, t)] as a callable (see ProbabilityFlow)."""
     return ProbabilityFlow(model, diffusion, prediction)
 

@@ -58,7 +58,7 @@ def likelihood_grid(diffusion: LinearDiffusion, steps: int) -> list[float]:
     return [diffusion.t_min + span * (i / steps) ** 2 for i in range(steps)] + [diffusion.T]
 
 
-def ode_log_likelihood(model, diffusion: LinearDiffusion, x0: Tensor, prediction: str = "eps",
+def ode_log_likelihood(model, diffusion: LinearDiffusion, x0: Tensor, prediction: str | None = None,
                        rtol: float = 1e-5, atol: float = 1e-5, exact_divergence: bool = False, *,
                        probes: int = 1, distribution: str = "rademacher", mode: str = "jvp",
                        method: str = "rk45", steps: int | None = None, aux_samples: int = 1,
@@ -79,6 +79,7 @@ def ode_log_likelihood(model, diffusion: LinearDiffusion, x0: Tensor, prediction
     VJP) over B·aux_samples states and every probe. ``t_min``: where u₀ sits (default: the
     diffusion's). ``v0`` (B, K − 1, *data_shape): the auxiliary start instead of a draw (one
     sample, aux_samples = 1), as CLD-SGM evaluates; the result is still log p(x, v₀) − log q(v₀).
+    ``prediction``: what the model predicts (default: an adapter's own, else "eps").
     """
     diffusion = check_instance(diffusion, LinearDiffusion, "diffusion").with_t_min(t_min)
     flow = ProbabilityFlow(model, diffusion, prediction)
@@ -120,7 +121,7 @@ def ode_log_likelihood(model, diffusion: LinearDiffusion, x0: Tensor, prediction
 
 
 def ode_bits_per_dim(model, diffusion: LinearDiffusion, x: Tensor, levels: int = 256,
-                     alpha: float | None = 0.05, prediction: str = "eps",
+                     alpha: float | None = 0.05, prediction: str | None = None,
                      generator: torch.Generator | None = None, **ode_options) -> tuple[Tensor, int]:
     """Bits per dim of discrete data x (n = ``levels`` levels in [0, 1]) by the ODE likelihood.
 

@@ -18,30 +18,34 @@ dtype of the returned values.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from .adapters import resolve_model
 from .diffusion import LinearDiffusion
 from .dsm import weighted_dsm
 from .fields import score_linear_field
 from .importance import sample_time
 from .ops import apply_kk, compute_dtype, data_dim, draw_seed, sum_data
-from .parameterization import Parameterization, get_parameterization
+from .parameterization import Parameterization
 from .stages import stage
 from .transition import TransitionKernel
-from .validation import check_finite, check_instance, check_int
+from .validation import check_finite, check_int
 
 
-def _check_inputs(diffusion: LinearDiffusion, x0: Tensor, prediction: str = "eps") -> Parameterization:
-    """Validate the public objectives' inputs once; returns the parameterisation of ``prediction``."""
-    check_instance(diffusion, LinearDiffusion, "diffusion")
+def _check_inputs(model, diffusion: LinearDiffusion, x0: Tensor,
+                  prediction: str | None = None) -> tuple[Callable, Parameterization]:
+    """Validate the public objectives' inputs once; returns the model and its parameterisation
+    (:func:`fastmdm.adapters.resolve_model`)."""
+    model, parameterization = resolve_model(model, diffusion, prediction)
     diffusion.check_data(x0, "hybrid")
     check_finite(x0, "x0")
-    parameterization = get_parameterization(prediction)
     if not parameterization.full_score:  # the t_min offset needs the whole score
-        raise ValueError(f"prediction {prediction!r} gives only D·s; the ELBOs need the whole score")
-    return parameterization
+        raise ValueError(f"prediction {parameterization.name!r} gives only D·s; "
+                         "the ELBOs need the whole score")
+    return model, parameterization
 
 
 def _network_output(model, parameterization: Parameterization, u: Tensor, t64: Tensor) -> Tensor:
@@ -69,9 +73,13 @@ def noise_prediction_loss(model, diffusion: LinearDiffusion, x0: Tensor, t=None,
     """‖ε̂(u_t, t) − ε‖² summed over K and data dims, t ~ U[t_min, T]; shape (B,).
 
     The weighted DSM pass with W = 2I: on the Triton path ε is regenerated, never stored.
-    ``t_min``: this call's (default: the diffusion's).
+    ``t_min``: this call's (default: the diffusion's). The model must predict "eps" (an adapter
+    predicting anything else is refused).
     """
-    parameterization = _check_inputs(diffusion, x0)
+    model, parameterization = _check_inputs(model, diffusion, x0)
+    if parameterization.name != "eps":
+        raise ValueError(f"noise_prediction_loss needs a model predicting 'eps', got one predicting "
+                         f"{parameterization.name!r}")
     diffusion = diffusion.with_t_min(t_min)
     t64, _ = _time(diffusion, x0, t, False, generator)
     tk = diffusion.transition_f64(t64, "hybrid")
@@ -159,22 +167,23 @@ def _elbo_terms(model, diffusion, x0, parameterization, importance, generator, t
     return -(elbo + aux_entropy(diffusion, x0))
 
 
-def dsm_elbo(model, diffusion: LinearDiffusion, x0: Tensor, prediction: str = "eps",
+def dsm_elbo(model, diffusion: LinearDiffusion, x0: Tensor, prediction: str | None = None,
              importance: bool = True, t=None, generator: torch.Generator | None = None,
              t_min: float | None = None) -> Tensor:
     """Negative ELBO per sample (nats, (B,)) with the denoising score-matching integrand.
 
     One draw of t (importance-sampled by default, estimate g(t)/p(t)) and one of u_t, on
-    [t_min, T] (``t_min``: this call's, default the diffusion's).
+    [t_min, T] (``t_min``: this call's, default the diffusion's). ``prediction``: what the model
+    predicts (default: an adapter's own, else "eps").
     """
-    parameterization = _check_inputs(diffusion, x0, prediction)
+    model, parameterization = _check_inputs(model, diffusion, x0, prediction)
     diffusion = diffusion.with_t_min(t_min)
     d = data_dim(x0.shape)
 
     def integrand(u, eps, t64, tk):
         W = dsm_weight(diffusion, t64, tk)
         out = _network_output(model, parameterization, u, t64)
-        if prediction == "eps":  # ½ Σ (ε̂ − ε)ᵀ W (ε̂ − ε), ε possibly regenerated from its seed
+        if parameterization.name == "eps":  # ½ Σ (ε̂ − ε)ᵀ W (ε̂ − ε), ε possibly regenerated from its seed
             mismatch = weighted_dsm(out, eps, W)
         else:  # ½ Σ (s − ∇log q)ᵀ 2βD (s − ∇log q), ∇log q = −L⁻ᵀ ε
             two_beta_d = 2 * diffusion.beta(t64)[:, None, None] * diffusion.D.to(u.device)
@@ -185,19 +194,20 @@ def dsm_elbo(model, diffusion: LinearDiffusion, x0: Tensor, prediction: str = "e
         return -mismatch + const.to(mismatch.dtype)
 
     return _elbo_terms(model, diffusion, x0, parameterization, importance, generator, t, integrand,
-                       store_noise=prediction != "eps")
+                       store_noise=parameterization.name != "eps")
 
 
-def ism_elbo(model, diffusion: LinearDiffusion, x0: Tensor, prediction: str = "eps",
+def ism_elbo(model, diffusion: LinearDiffusion, x0: Tensor, prediction: str | None = None,
              probes: int = 1, importance: bool = True, t=None,
              generator: torch.Generator | None = None, t_min: float | None = None) -> Tensor:
     """Negative ELBO per sample (nats, (B,)) with the implicit score-matching integrand.
 
     ∇·(2βD s) by Hutchinson with ``probes`` Rademacher probes in one batched JVP, the mixing
     2βD C_y (C_y = −L_t⁻ᵀ for noise prediction) folded into the probe reduction
-    (fastmdm.fields.score_linear_field); differentiable. ``t_min``: as in :func:`dsm_elbo`.
+    (fastmdm.fields.score_linear_field); differentiable. ``t_min``, ``prediction``: as in
+    :func:`dsm_elbo`.
     """
-    parameterization = _check_inputs(diffusion, x0, prediction)
+    model, parameterization = _check_inputs(model, diffusion, x0, prediction)
     diffusion = diffusion.with_t_min(t_min)
     check_int(probes, "probes")
     d = data_dim(x0.shape)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .adapters import resolve_model
 from .data_multistep import check_data_multistep, data_multistep_plan, run_data_multistep
 from .diffusion import TIME_SLACK, LinearDiffusion
 from .fields import probability_flow_drift
@@ -65,20 +66,6 @@ from .validation import (
 CORRECTORS = (None, "langevin")
 _PLAN_CACHE_SIZE = 32
 _plans: OrderedDict = OrderedDict()
-
-
-def resolve_model(model, diffusion: LinearDiffusion, prediction: str | None) -> tuple[Callable, str]:
-    """(callable, prediction): adapters from :mod:`fastmdm.adapters` carry their own prediction."""
-    check_callable(model, "model", "model(u, t)")
-    check_instance(diffusion, LinearDiffusion, "diffusion")
-    bind = getattr(model, "bind", None)
-    if bind is not None:
-        model = bind(diffusion)
-    if prediction is None:
-        prediction = getattr(model, "prediction", "eps")
-    param = get_parameterization(prediction)
-    param.check_diffusion(diffusion)
-    return model, param.name
 
 
 def _check_full_score(prediction: str, solver: str, entry: Solver, corrector, denoise: bool) -> None:
@@ -455,6 +442,7 @@ def sample(model, diffusion: LinearDiffusion, shape=None, steps: int | None = No
     if callback is not None:
         check_callable(callback, "callback", "callback(info)")
     model, prediction = resolve_model(model, diffusion, prediction)
+    prediction = prediction.name
     denoise = get_parameterization(prediction).full_score if denoise is None else denoise
     check_instance(denoise, bool, "denoise")
     _check_full_score(prediction, solver, entry, corrector, denoise)
@@ -497,6 +485,7 @@ def encode(model, diffusion: LinearDiffusion, x: Tensor | None = None, predictio
     u(t_min) (B, K, *data_shape). Adaptive RK45 in ρ = log τ.
     """
     model, prediction = resolve_model(model, diffusion, prediction)
+    prediction = prediction.name
     if (x is None) == (state is None):
         raise ValueError("encode takes either data x or a state= (B, K, *data_shape), not both or neither")
     if state is not None:
@@ -523,6 +512,7 @@ def decode(model, diffusion: LinearDiffusion, z: Tensor, prediction: str | None 
            atol: float = 1e-6, return_state: bool = False, return_info: bool = False):
     """The inverse map latent u(T) = z ↦ u(t_min); returns the data part (or the state)."""
     model, prediction = resolve_model(model, diffusion, prediction)
+    prediction = prediction.name
     diffusion.check_state(z, "z")
     check_finite(z, "z")
     out = _pf_solve(model, diffusion, prediction, z, False, rtol, atol, return_info, "decode")

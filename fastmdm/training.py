@@ -25,12 +25,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .adapters import resolve_model
 from .bpd import bits_per_dim
 from .data import DataTransform
 from .diffusion import LinearDiffusion, alda, cld, learned, malda, vpsde
 from .models import build_network
 from .objectives import dsm_elbo, ism_elbo, noise_prediction_loss
-from .parameterization import get_parameterization
 from .stages import stage
 from .validation import check_finite, check_number
 
@@ -80,11 +80,11 @@ class MDM(nn.Module):
     """A multivariate diffusion model: diffusion + score network (+ data transform), with EMA weights.
 
     score_model(u, t) maps a state (B, K, *data_shape) and t (B,) to a tensor shaped like u,
-    read as ``prediction`` ("eps", "score" or "x0"). ``forward(x)`` is ``loss(x)``, so the module
-    can be wrapped in DistributedDataParallel as is.
+    read as ``prediction`` ("eps", "score" or "x0"; default: the model's own, else "eps").
+    ``forward(x)`` is ``loss(x)``, so the module can be wrapped in DistributedDataParallel as is.
     """
 
-    def __init__(self, diffusion: LinearDiffusion, score_model: nn.Module, *, prediction: str = "eps",
+    def __init__(self, diffusion: LinearDiffusion, score_model: nn.Module, *, prediction: str | None = None,
                  objective: str = "dsm", importance: bool = True, ema_decay: float = 0.999,
                  data_transform: DataTransform | None = None, data_shape=None):
         super().__init__()
@@ -92,7 +92,7 @@ class MDM(nn.Module):
             raise TypeError(f"diffusion must be a LinearDiffusion, got {type(diffusion).__name__}")
         if not isinstance(score_model, nn.Module):
             raise TypeError(f"score_model must be an nn.Module, got {type(score_model).__name__}")
-        get_parameterization(prediction)
+        prediction = resolve_model(score_model, diffusion, prediction)[1].name
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         if objective == "noise" and prediction != "eps":
@@ -573,10 +573,26 @@ def mean_and_stderr(values: Tensor) -> tuple[float, float]:
 def evaluate_bpd(mdm: MDM, x: Tensor, method: str = "elbo", batch_size: int = 256, repeats: int = 1,
                  seed: int = 0, progress: bool = False, **ode_kwargs) -> tuple[float, float, Tensor]:
     """Bits per dim over a data set in batches: (mean, standard error, per-sample values);
-    ``progress`` shows a tqdm bar over the batches."""
+    ``progress`` shows a tqdm bar over the examples with the estimated time left and the network
+    evaluations of the batch in progress."""
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    starts = tqdm(range(0, x.shape[0], batch_size), desc=f"{method} bpd", unit="batch", disable=not progress)
-    values = [mdm.bpd(x[i: i + batch_size], method, generator, repeats, **ode_kwargs) for i in starts]
+    values = []
+    with tqdm(total=x.shape[0], desc=f"{method} bpd", unit="example", disable=not progress) as bar:
+        nfe = [0]
+
+        def count(*_):
+            nfe[0] += 1
+            bar.set_postfix(nfe=nfe[0])
+
+        hook = mdm.score_model.register_forward_hook(count) if progress else None
+        try:
+            for i in range(0, x.shape[0], batch_size):
+                nfe[0] = 0
+                values.append(mdm.bpd(x[i: i + batch_size], method, generator, repeats, **ode_kwargs))
+                bar.update(values[-1].shape[0])
+        finally:
+            if hook is not None:
+                hook.remove()
     per_sample = torch.cat(values)
     return (*mean_and_stderr(per_sample), per_sample)
 
