@@ -25,7 +25,8 @@ import torch
 
 from fastmdm.cli import Z_95, write_learned_matrices
 from fastmdm.data import load_digits
-from fastmdm.training import Trainer, build_mdm, evaluate_bpd
+from fastmdm.evaluation import evaluate_bpd
+from fastmdm.training import Trainer, build_mdm
 
 MODELS = [("vpsde", None, "VP-SDE"), ("cld", None, "CLD"), ("malda", 3, "MALDA(3)"),
           ("learned", 2, "learned (K=2)"), ("learned", 3, "learned (K=3)")]

@@ -12,8 +12,9 @@ import torch
 import fastmdm as fm
 from fastmdm.cli import save_loss_curve, save_samples_figure
 from fastmdm.data import TOYS, load_toy
+from fastmdm.evaluation import evaluate_bpd
 from fastmdm.models import MLPScore
-from fastmdm.training import MDM, Trainer, evaluate_bpd
+from fastmdm.training import MDM, Trainer
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--toy", choices=TOYS, default="checkerboard")

@@ -7,13 +7,14 @@ from .data import DataTransform, load_dataset
 from .diffusion import LinearDiffusion, alda, cld, cld_sgm, learned, malda, vpsde
 from .divergence import exact_divergence, hutchinson_divergence
 from .dsm import NoiseSeed
+from .evaluation import evaluate_bpd
 from .fields import probability_flow_drift
 from .likelihood import ode_bits_per_dim, ode_log_likelihood
 from .mixtures import GaussianMixture
 from .models import MLPScore, UNetScore
 from .objectives import dsm_elbo, ism_elbo, noise_prediction_loss
 from .sampling import SOLVERS, decode, encode, sample
-from .training import MDM, Trainer, evaluate_bpd, load_checkpoint
+from .training import MDM, Trainer, load_checkpoint
 from .transition import TransitionKernel
 
 __version__ = "0.1.0"

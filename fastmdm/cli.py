@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import BUILTIN, load_dataset
+from .evaluation import evaluate_bpd
 from .solvers import DEFAULT_SOLVER, get_solver
 from .training import (
     DIFFUSIONS,
@@ -35,7 +36,6 @@ from .training import (
     Trainer,
     build_mdm,
     checkpoint_path,
-    evaluate_bpd,
     load_checkpoint,
     read_checkpoint,
 )
