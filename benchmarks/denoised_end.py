@@ -1,6 +1,6 @@
 """Which end should ``fastmdm.sample`` return: the state at t_min or the denoised x̂₀ = E[x₀ | u_{t_min}]?
 
-Exact mixture scores (mdm-math.md §8) of a sharp 8-mode mixture (equal weights, std 0.05, means on
+Exact mixture scores (docs/math.md §8) of a sharp 8-mode mixture (equal weights, std 0.05, means on
 the circle of radius 1.5 in the first two coordinates; d = 2 and 16), VP, CLD and MALDA(3), the
 default solver and grid at a budget of 10 and 20 network evaluations (NFE), four ends:
 

@@ -1,7 +1,7 @@
 """Sample quality vs network evaluations, with the exact score of a Gaussian mixture (no trained network).
 
 For VP-SDE, CLD and MALDA(3) in d = 2 and d = 16, every solver of ``fastmdm.sample`` runs at several
-step counts with the exact model of a Gaussian-mixture data law (mdm-math.md §8). Its samples of x
+step counts with the exact model of a Gaussian-mixture data law (docs/math.md §8). Its samples of x
 are compared with the exact law of x at t_min (what the samplers target: mode c is
 N(a μ_c, (s_c² a² + Σ_xx) I), a = M_{t_min}[0, 0]):
 

@@ -1,7 +1,7 @@
 """Linear multivariate diffusions: du = β(t) A u dt + sqrt(2β(t) D) dW, A = −(Q + D) Σ∞⁻¹.
 
 One class, :class:`LinearDiffusion`, covers VP-SDE (K = 1), CLD (K = 2),
-ALDA (K = 3), MALDA (any K) and learned (Q, D) (mdm-math.md §1). K×K math is
+ALDA (K = 3), MALDA (any K) and learned (Q, D) (docs/math.md §1). K×K math is
 float64; data tensors keep the caller's dtype.
 """
 

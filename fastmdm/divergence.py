@@ -1,4 +1,4 @@
-"""Divergence estimation: tr(J) = E[vᵀ J v] for probes with E[v vᵀ] = I (mdm-math.md §5).
+"""Divergence estimation: tr(J) = E[vᵀ J v] for probes with E[v vᵀ] = I (docs/math.md §5).
 
 Every probe is handled in one batched call: ``torch.func.jvp`` (w = J v) or ``torch.func.vjp``
 (w = Jᵀ v) under ``torch.func.vmap`` over the probes, in chunks of ``chunk_size`` probes to

@@ -1,4 +1,4 @@
-"""Time grids for the samplers, from T down to t_min (mdm-math.md §7), in float64.
+"""Time grids for the samplers, from T down to t_min (docs/math.md §7), in float64.
 
 - "quadratic" (the published grid): t_i = T − (T − t_min)(1 − (1 − i/N)²), small steps near the data;
 - "uniform":   t_i = T − (T − t_min) i/N;

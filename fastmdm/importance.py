@@ -1,4 +1,4 @@
-"""Sampling diffusion time, uniformly or by the paper's importance density (mdm-math.md §4).
+"""Sampling diffusion time, uniformly or by the paper's importance density (docs/math.md §4).
 
 p(t) ∝ r(t) = β(t) / (1 − e^{−τ(t)}) on [t_min, T]. With φ(t) = log(e^{τ(t)} − 1)
 (``LinearDiffusion.phi``), φ' = r, so F(t) = (φ(t) − φ(t_min)) / Z, Z = φ(T) − φ(t_min), inverted in closed

@@ -1,4 +1,4 @@
-"""Gaussian-mixture data laws with exact scores under any linear MDM (mdm-math.md §8).
+"""Gaussian-mixture data laws with exact scores under any linear MDM (docs/math.md §8).
 
 If x₀ ~ Σ_c w_c N(μ_c, s_c² I_d), the hybrid-start marginal at t is
 u_t ~ Σ_c w_c N(m_c, C_c ⊗ I_d) with m_c = a μ_cᵀ (K × d), a = M_t[:, 0], and

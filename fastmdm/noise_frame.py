@@ -1,4 +1,4 @@
-"""The noise frame K_t = L_t R_t that makes the order-1 exponential integrator exact (mdm-math.md §7).
+"""The noise frame K_t = L_t R_t that makes the order-1 exponential integrator exact (docs/math.md §7).
 
 K_t solves dK/dt = β(t)(A + D Σ_t⁻¹) K with K_T = L_T, so K_t K_tᵀ = Σ_t (hybrid start) at every t and,
 for a single-point data law, u_t = μ_t + K_t ε_K with ε_K constant along probability-flow trajectories.

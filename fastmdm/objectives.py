@@ -1,4 +1,4 @@
-"""Training objectives and the ELBO of a linear MDM (mdm-math.md §3–4).
+"""Training objectives and the ELBO of a linear MDM (docs/math.md §3–4).
 
 For data x with auxiliaries v₀ ~ q(v₀) = N(0, σ₀² I), the bound is
 

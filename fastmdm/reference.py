@@ -3,7 +3,7 @@
 This module does what a user of the published code (Singhal, Goldstein &
 Ranganath, ICLR 2023; PyTorch, float32) would run, and depends on nothing in
 fastmdm -- only torch and math -- so that the fast path is checked against an
-independent implementation. Formulas are those of docs/mdm-math.md:
+independent implementation. Formulas are those of docs/math.md:
 
 - forward SDE  du = beta(t) A u dt + sqrt(beta(t)) G dW,  A = -(Q + D) Sinf^{-1},
   G G^T = 2D, beta(t) = beta_min + (beta_max - beta_min) t, tau(t) = int_0^t beta;
@@ -19,7 +19,7 @@ which separates what de-looping gains from what fastmdm's fusion gains.
 
 No jitter is added to the Cholesky factorisation, and nothing here guards
 against the small-tau cancellation that the fast path cures: in float32 the
-covariance is badly wrong near t_min (mdm-math.md section 2).
+covariance is badly wrong near t_min (docs/math.md §2).
 
 A state u is (B, K, *data_shape) with u[:, 0] the data; every K x K matrix
 acts on the variable axis: (A u)[b, k, ...] = sum_l A[k, l] u[b, l, ...].
@@ -221,7 +221,7 @@ def dsm_loss_weighted(
     dtype=torch.float32,
     batched=False,
 ):
-    """Weighted DSM term of the ELBO (mdm-math.md section 4), per sample.
+    """Weighted DSM term of the ELBO (docs/math.md §4), per sample.
 
     0.5 sum_j r[:, j]^T W_t r[:, j], r = eps_hat - eps, W_t = L^{-1} (2 beta(t) D) L^{-T}.
     eps_hat, eps are (B, K, *data_shape), t is (B,). Returns (B,).

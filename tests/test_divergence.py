@@ -1,4 +1,4 @@
-"""Divergence estimation (fastmdm.divergence, mdm-math.md §5) on the torch path."""
+"""Divergence estimation (fastmdm.divergence, docs/math.md §5) on the torch path."""
 
 import math
 

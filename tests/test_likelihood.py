@@ -1,4 +1,4 @@
-"""Probability-flow drift and ODE likelihood (fastmdm.likelihood, mdm-math.md §6) with exact scores."""
+"""Probability-flow drift and ODE likelihood (fastmdm.likelihood, docs/math.md §6) with exact scores."""
 
 import math
 

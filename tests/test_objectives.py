@@ -105,7 +105,7 @@ def test_objectives_reject_bad_input():
 
 def test_importance_density_normaliser_cdf_and_weights():
     diff = fm.vpsde()
-    assert abs(importance_normaliser(diff) - 14.21) < 5e-3  # mdm-math.md §4
+    assert abs(importance_normaliser(diff) - 14.21) < 5e-3  # docs/math.md §4
     t = torch.linspace(diff.t_min, diff.T, 200001, dtype=torch.float64)
     pdf = importance_pdf(diff, t)
     assert abs(torch.trapezoid(pdf, t) - 1) < 1e-4
