@@ -74,10 +74,12 @@ def block_size(n: int, device: torch.device, gpu: int = 1024, widest: int = 4096
 
 def num_warps(K: int, fp64: bool) -> int:
     """Warps per program of a data pass over 1024 columns: 8 (4 columns a thread, one Philox
-    call), 4 for float64 arithmetic at K ≤ 4. Chosen from a compile sweep for sm_90: at most
-    32 B of spill at any K ≤ 8 (benchmarks/results/kernels-sm90.md; with 4 warps throughout, up to
-    1 KB)."""
-    return 4 if fp64 and K <= 4 else 8
+    call), 16 for float64 arithmetic at K = 4 and K = 8 (2 columns a thread). Chosen from compile
+    sweeps for sm_80 and sm_90 (benchmarks/results/kernels-sm*.md): ptxas caps registers by warp
+    count (about 80–128 at 8 warps), so more warps, not fewer, end a spill. No spill at K ≤ 4; with
+    8 warps DSM backward spilled 16–24 B at K = 4 and 96 B at K = 8 (sm_80), with 4 the Hutchinson
+    reduction 8 B at K = 4 (sm_80)."""
+    return 16 if fp64 and K in (4, 8) else 8
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
