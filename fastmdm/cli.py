@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .data import BUILTIN, load_dataset
 from .evaluation import evaluate_bpd
-from .solvers import DEFAULT_SOLVER, get_solver
+from .solvers import get_solver
 from .training import (
     DIFFUSIONS,
     MDM,
@@ -223,7 +223,7 @@ def cmd_train(args) -> int:
 
 def _sampling_steps(solver: str | None, nfe: int) -> int:
     """Steps that spend at most ``nfe`` network evaluations (rk45 is adaptive: nfe sets its output grid)."""
-    return max(1, nfe // get_solver(solver or DEFAULT_SOLVER).nfe_per_step)
+    return max(1, nfe // (get_solver(solver).nfe_per_step if solver else 1))  # the defaults: 1 per step
 
 
 def cmd_sample(args) -> int:

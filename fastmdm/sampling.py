@@ -31,7 +31,6 @@ from .ops import apply_kk, compute_dtype
 from .parameterization import AffineMap, denoised_weights, get_parameterization
 from .sde_step import sde_step
 from .solvers import (
-    DEFAULT_SOLVER,
     SOLVERS,
     AdaptivePlan,
     HeunPlan,
@@ -42,6 +41,7 @@ from .solvers import (
     check_ei_ode,
     check_eta,
     check_tolerances,
+    default_solver,
     effective_horizon,
     ei_ode_plan,
     euler_maruyama_plan,
@@ -387,7 +387,7 @@ register_solver(Solver("ei-data", data_multistep_plan, run_data_multistep, grid=
 
 @staged("sample")
 def sample(model, diffusion: LinearDiffusion, shape=None, steps: int | None = None,
-           solver: str = DEFAULT_SOLVER, prediction: str | None = None,
+           solver: str | None = None, prediction: str | None = None,
            generator: torch.Generator | None = None, progress: bool = False, *,
            x_T: Tensor | None = None, grid: str | Tensor | None = None, t_min: float | None = None,
            extra_args: dict | None = None, callback: Callable[[dict], None] | None = None,
@@ -403,10 +403,13 @@ def sample(model, diffusion: LinearDiffusion, shape=None, steps: int | None = No
     torch's default dtype on ``device`` (default: the diffusion's). Runs under torch.no_grad.
 
     ``solver``: a name of ``fastmdm.SOLVERS``, its ``**options`` checked by its registration
-    (docs/solvers.md): "euler-maruyama" (the published reference: reverse SDE, quadratic grid, 500
-    steps, no noise on the last step); "ei-ode" (default: exponential integrator on the
+    (docs/solvers.md); default (``fastmdm.solvers.default_solver``): "ei-data" when noise reaches x
+    only through auxiliaries (data log-SNR at t_min above 5: CLD, ALDA, MALDA), else "ei-ode".
+    "euler-maruyama" (the published reference: reverse SDE, quadratic grid, 500
+    steps, no noise on the last step); "ei-ode" (exponential integrator on the
     probability-flow ODE, ``order`` 1–3 multistep, ``noise`` "rotated" — exact for a single-point
-    data law — or "cholesky"); "ancestral" (exact Gaussian posterior step, ``eta`` ∈ [0, 1]; 1 =
+    data law — or "cholesky"); "ei-data" (x̂₀ multistep, ``order`` 1–3, "datasnr" grid);
+    "ancestral" (exact Gaussian posterior step, ``eta`` ∈ [0, 1]; 1 =
     DDPM, 0 = DDIM); "heun" (2 NFE per step, probability-flow ODE in log τ); "rk45" (adaptive
     Dormand–Prince with ``rtol``/``atol``; ``steps`` only sets the reported grid); "sscs"
     (symmetric splitting as published by Dockhorn et al.: the score at each step's start).
@@ -432,6 +435,9 @@ def sample(model, diffusion: LinearDiffusion, shape=None, steps: int | None = No
     tensors built before it, so the loop body can be captured with torch.cuda.graphs once per (grid,
     batch) (register a custom ``generator`` with the graph).
     """
+    check_instance(diffusion, LinearDiffusion, "diffusion")
+    end = _check_t_min(diffusion, t_min)
+    solver = default_solver(diffusion, end) if solver is None else solver
     entry = get_solver(solver)
     options = entry.resolve(options)
     check_choice(corrector, CORRECTORS, "corrector")
@@ -448,7 +454,7 @@ def sample(model, diffusion: LinearDiffusion, shape=None, steps: int | None = No
     _check_full_score(prediction, solver, entry, corrector, denoise)
     model = _with_extra_args(model, extra_args)
     shape, device = _check_start(diffusion, shape, x_T, device)
-    times = _times(diffusion, entry, steps, grid, _check_t_min(diffusion, t_min))
+    times = _times(diffusion, entry, steps, grid, end)
     bar = tqdm(total=times.numel() - 1, desc=f"sampling ({solver})", disable=not progress)
     with torch.no_grad(), bar:
         u = x_T if x_T is not None else diffusion.prior_sample(shape, generator=generator, device=device)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .diffusion import LinearDiffusion
-from .grids import GRIDS
+from .grids import DATA_SNR_WINDOW, GRIDS, data_log_snr
 from .noise_frame import diffusion_key, rotation
 from .transition import expm_and_gramian, expm_taylor
 from .validation import check_callable, check_choice, check_instance, check_int, check_number
@@ -340,7 +340,13 @@ def check_tolerances(options: dict) -> None:
 
 
 # -- the registry ---------------------------------------------------------------------------------
-DEFAULT_SOLVER = "ei-ode"
+def default_solver(diffusion: LinearDiffusion, t_min: float) -> str:
+    """``sample``'s solver when none is named: "ei-data" if the data log-SNR λ = log‖L_t⁻¹a_t‖ at t_min
+    exceeds the top of the "datasnr" grid's window (5: noise reaches x only through auxiliaries,
+    as in CLD, ALDA, MALDA — λ 13–24), else "ei-ode" (noise on x itself: VP, a learned D — λ ≈ 4.5).
+    docs/math.md §10; measured in benchmarks/results/quality-2026-12-01.md."""
+    lam = data_log_snr(diffusion, torch.tensor([t_min], dtype=torch.float64))
+    return "ei-data" if float(lam[0]) > DATA_SNR_WINDOW[1] else "ei-ode"
 
 
 @dataclass(frozen=True, eq=False)
@@ -425,8 +431,8 @@ def get_solver(name: str) -> Solver:
 
 
 __all__ = [
-    "DEFAULT_SOLVER", "SOLVERS", "AdaptivePlan", "HeunPlan", "LinearPlan", "NOISES", "Solver", "SolverNames",
-    "adaptive_plan", "ancestral_plan", "check_ei_ode", "check_eta", "check_tolerances",
+    "SOLVERS", "AdaptivePlan", "HeunPlan", "LinearPlan", "NOISES", "Solver", "SolverNames",
+    "adaptive_plan", "ancestral_plan", "check_ei_ode", "check_eta", "check_tolerances", "default_solver",
     "effective_horizon", "ei_ode_plan",
     "euler_maruyama_plan", "flow", "get_solver", "heun_plan", "psd_sqrt", "register_solver", "sscs_plan",
     "transition_at",

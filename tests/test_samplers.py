@@ -304,7 +304,7 @@ def test_bad_inputs():
         (dict(shape=(4,)), ValueError, "shape"), (dict(steps=0), ValueError, "steps"),
         (dict(steps=2.5), ValueError, "steps"), (dict(solver="ddim"), ValueError, "solver"),
         (dict(prediction="v"), ValueError, "prediction"), (dict(order=4), ValueError, "order"),
-        (dict(grid="cosine"), ValueError, "grid"), (dict(noise="qr"), ValueError, "noise"),
+        (dict(grid="cosine"), ValueError, "grid"), (dict(solver="ei-ode", noise="qr"), ValueError, "noise"),
         (dict(solver="ancestral", eta=2.0), ValueError, "eta"), (dict(corrector="ald"), ValueError, "corrector"),
         (dict(solver="rk45", corrector="langevin"), ValueError, "corrector"), (dict(rtol=1e-3), TypeError, "rtol"),
         (dict(solver="rk45", rtol=0.0), ValueError, "rtol"), (dict(t_min=2.0), ValueError, "t_min"),
