@@ -12,7 +12,7 @@ x at t_min for a state (modes N(a μ_c, (s_c² a² + Σ_xx) I), a = M_{t_min}[0,
 denoised end — divided by the floor: the same W2 for as many exact samples of that law (mean of
 FLOOR_DRAWS draws). 1 = indistinguishable from exact samples at this sample size.
 
-Columns: ``fm.sample``'s defaults (``steps = NFE − 1``, denoised) and a small grid of fastmdm options;
+Columns: ``fm.sample``'s defaults (``steps = NFE − 1`` where the default end is denoised) and a small grid of fastmdm options;
 on VP, k-diffusion's DPM-Solver++ 2M and 3M (deterministic, Karras sigmas, ending in 0) and diffusers'
 DPM-Solver++ 2M/3M, UniPC and DEIS (their discrete schedule, the exact ε̂ of the VP diffusion on it,
 float32 as they run) when those packages are installed. Writes quality-<date>.md (table) and .png (W2/floor vs NFE per
@@ -38,7 +38,7 @@ from tqdm import tqdm
 import fastmdm as fm
 from fastmdm.grids import karras_grid
 from fastmdm.mixtures import GaussianMixture, exact_score_model
-from fastmdm.sampling import sample
+from fastmdm.sampling import default_denoise, sample
 from fastmdm.schedules import TabulatedTau, sigma_from_tau, tau_from_sigma
 from fastmdm.solvers import default_solver, get_solver
 
@@ -131,10 +131,11 @@ class ExactLaw:
 
 
 def default_label(diffusion) -> str:
-    """What ``fm.sample(model, diffusion, shape, steps)`` runs."""
+    """What ``fm.sample(model, diffusion, shape, steps)`` runs (its end: denoised or the state)."""
     solver = default_solver(diffusion, diffusion.t_min)
     entry = get_solver(solver)
-    return f"default ({solver} o{entry.options['order']} {entry.grid} +den)"
+    end = " +den" if default_denoise(diffusion, diffusion.t_min, "eps") else ""
+    return f"default ({solver} o{entry.options['order']} {entry.grid}{end})"
 
 
 def load_k_diffusion():
@@ -213,7 +214,8 @@ def diffusers_runs(mixture, d: int, nfe: int, samples: int) -> dict[str, torch.T
 def fastmdm_runs(model, diff, d: int, nfe: int, samples: int) -> dict[str, tuple[torch.Tensor, bool]]:
     """{label: (samples, denoised?)} for the defaults and CONFIGS at a budget of nfe calls."""
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    out = {default_label(diff): (sample(model, diff, (samples, d), steps=nfe - 1, generator=gen()), True)}
+    denoise = default_denoise(diff, diff.t_min, "eps")
+    out = {default_label(diff): (sample(model, diff, (samples, d), steps=nfe - denoise, generator=gen()), denoise)}
     for label, options, denoise in CONFIGS:
         x = sample(model, diff, (samples, d), steps=nfe - denoise, generator=gen(), denoise=denoise, **options)
         out[label] = (x, denoise)

@@ -64,6 +64,7 @@ from .validation import (
 )
 
 CORRECTORS = (None, "langevin")
+DENOISE_MIN_VARIANCE = 1e-8  # Σ_xx at the end below this: the state's x is x̂₀ to √1e-8 already
 _PLAN_CACHE_SIZE = 32
 _plans: OrderedDict = OrderedDict()
 
@@ -96,6 +97,17 @@ def _check_start(diffusion: LinearDiffusion, shape, x_T, device) -> tuple[tuple[
     if device is not None and torch.device(device).type != x_T.device.type:
         raise ValueError(f"x_T is on {x_T.device} but device={device!r}")
     return state_shape, x_T.device
+
+
+def default_denoise(diffusion: LinearDiffusion, end: float, prediction: str) -> bool:
+    """Denoise by default where it changes the sample: Var(x_t | x₀) at the end, Σ_xx, above
+    DENOISE_MIN_VARIANCE (VP-SDE: 1e-4 at t_min 1e-3). An MDM whose data variable gets its noise
+    only through the auxiliaries has Σ_xx ~ τ³ or smaller (CLD 1e-12): its state is the denoised
+    end already, and the extra network call would only cost a step (benchmarks/results/denoised-end.md)."""
+    if not get_parameterization(prediction).full_score:
+        return False
+    cov = transition_at(diffusion, torch.tensor([end], dtype=torch.float64)).cov
+    return float(cov[0, 0, 0]) > DENOISE_MIN_VARIANCE
 
 
 def _check_t_min(diffusion: LinearDiffusion, t_min) -> float:
@@ -420,10 +432,12 @@ def sample(model, diffusion: LinearDiffusion, shape=None, steps: int | None = No
     the diffusion's) in ``steps`` steps (the solver's default), or a 1-D tensor of times, strictly
     decreasing in [t_min, T]. A named grid starts at ``fastmdm.solvers.effective_horizon`` (T unless
     the data is forgotten earlier, as with a large β_max: there p_t is the prior to 1e-6).
-    ``denoise`` (default: True, the end k-diffusion and diffusers return, but False for a
-    velocity-only score, which cannot give it): the sample is x̂₀ = E[x₀ | u_{t_min}], Tweedie from
-    one more network call at the grid's end, so NFE = steps × the solver's NFE per step (+ corrector
-    calls) + 1; False returns x of the state at t_min (docs/solvers.md, "The end of sampling").
+    ``denoise``: True returns x̂₀ = E[x₀ | u_{t_min}] (the end k-diffusion and diffusers return),
+    Tweedie from one more network call at the grid's end, so NFE = steps × the solver's NFE per step
+    (+ corrector calls) + 1; False returns x of the state at t_min. Default: True where Σ_xx(t_min) >
+    DENOISE_MIN_VARIANCE (VP-SDE), else False — an MDM's state at t_min is its denoised end already
+    (CLD's Σ_xx is ~1e-12), and a velocity-only score cannot give x̂₀ (docs/solvers.md, "The end of
+    sampling").
     ``progress``: a tqdm bar. ``callback(info)`` is called at the start (i = 0) and after every step
     with info = {"i", "t", "u" (the state at t), "denoised"
     (x̂₀ = E[x₀ | u] from the step's first network call, at its evaluation time; None at i = 0, for
@@ -449,7 +463,7 @@ def sample(model, diffusion: LinearDiffusion, shape=None, steps: int | None = No
         check_callable(callback, "callback", "callback(info)")
     model, prediction = resolve_model(model, diffusion, prediction)
     prediction = prediction.name
-    denoise = get_parameterization(prediction).full_score if denoise is None else denoise
+    denoise = default_denoise(diffusion, end, prediction) if denoise is None else denoise
     check_instance(denoise, bool, "denoise")
     _check_full_score(prediction, solver, entry, corrector, denoise)
     model = _with_extra_args(model, extra_args)

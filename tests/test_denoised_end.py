@@ -37,7 +37,7 @@ def test_denoised_end_is_the_exact_posterior_mean(name, prediction):
     diff, data = DIFFUSIONS[name](), _gaussian()
     last = LastState()
     x = sample(exact_score_model(data, diff, prediction), diff, x_T=_start(diff, 64, 0), steps=6, callback=last,
-               prediction=prediction)
+               prediction=prediction, denoise=True)
     assert x.dtype == F64 and last.info["t"] == diff.t_min
     exact = data.posterior_mean(diff, last.info["u"], diff.t_min)
     torch.testing.assert_close(x, exact, rtol=1e-10, atol=1e-10)
@@ -64,7 +64,7 @@ def test_denoise_false_returns_the_state():
     state = sample(model, diff, (8, 3), steps=4, denoise=False, callback=last,
                    generator=torch.Generator().manual_seed(2))
     assert torch.equal(state, last.info["u"][:, 0])
-    denoised = sample(model, diff, (8, 3), steps=4, generator=torch.Generator().manual_seed(2))
+    denoised = sample(model, diff, (8, 3), steps=4, denoise=True, generator=torch.Generator().manual_seed(2))
     assert not torch.equal(state, denoised)  # the same run, one Tweedie step apart
 
 
@@ -91,6 +91,22 @@ def test_nfe_is_steps_times_per_step_plus_one(solver, options, per_step, denoise
     assert last.info["nfe"] == 5 * per_step
     if denoise:
         assert float(calls[-1][0]) == pytest.approx(diff.t_min, rel=1e-12)
+
+
+@pytest.mark.parametrize("name,expected", [("vpsde", True), ("cld", False), ("malda3", False)])
+def test_default_end_denoises_only_where_it_changes_the_sample(name, expected):
+    """VP-SDE's Σ_xx(t_min) is ~1e-4: the default spends the Tweedie call; CLD's and MALDA's are
+    ≤ 1e-8, where the state's x is the denoised end already: the default returns it (no extra call)."""
+    diff = DIFFUSIONS[name]()
+    exact = exact_score_model(_gaussian(), diff)
+    calls = []
+
+    def model(u, t):
+        calls.append(t)
+        return exact(u, t)
+
+    sample(model, diff, x_T=_start(diff, 4, 5), steps=3, solver="ei-ode")
+    assert len(calls) == 3 + expected
 
 
 def test_denoise_must_be_a_bool():
