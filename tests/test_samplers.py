@@ -231,8 +231,9 @@ def test_initial_state_grid_tensor_t_min_and_extra_args():
         seen.append(scale)
         return model(u, t) * scale
 
-    a = sample(conditioned, diff, (6, 2), steps=4, extra_args={"scale": 1.0}, generator=gen())
-    assert seen == [1.0] * 5 and torch.equal(a, sample(model, diff, (6, 2), steps=4, generator=gen()))  # 4 steps, 1 end
+    a = sample(conditioned, diff, (6, 2), steps=4, extra_args={"scale": 1.0}, denoise=True, generator=gen())
+    assert seen == [1.0] * 5  # 4 steps, 1 end
+    assert torch.equal(a, sample(model, diff, (6, 2), steps=4, denoise=True, generator=gen()))
 
 
 def probability_flow_euler_plan(diffusion, times):
