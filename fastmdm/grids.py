@@ -5,7 +5,10 @@
 - "logsnr":    uniform in φ(t) = log(e^{τ(t)} − 1) (minus the log-SNR of a VP-SDE), inverted in closed
   form by τ = softplus(φ) and t = τ⁻¹(τ) — nearly uniform in log τ near the data;
 - "datasnr":   uniform in the data log-SNR λ = log‖L_t⁻¹a_t‖ clipped to [−2, 5] (docs/math.md §10), the
-  default of the "ei-data" solver.
+  default of the "ei-data" solver;
+- "optimized": chosen once per diffusion for "ei-data" on proxy mixtures with exact scores, without
+  network or data (docs/math.md §11); built by :func:`fastmdm.grid_search.optimized_grid` (it runs the
+  solver, so it is not in GRIDS or :func:`time_grid`); ``fm.sample(grid="optimized")`` takes it.
 
 k-diffusion's grids, in time (σ = sqrt(e^τ − 1), the VP noise-to-signal ratio; φ = 2 log σ), for
 ``fm.sample(grid=…)``: :func:`karras_grid` (σ^{1/ρ} uniform), :func:`exponential_grid` (log σ uniform:

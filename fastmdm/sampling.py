@@ -24,7 +24,8 @@ from .adapters import resolve_model
 from .data_multistep import check_data_multistep, data_multistep_plan, run_data_multistep
 from .diffusion import TIME_SLACK, LinearDiffusion
 from .fields import probability_flow_drift
-from .grids import GRIDS, time_grid
+from .grid_search import NAMED_GRIDS, optimized_grid
+from .grids import time_grid
 from .noise_frame import diffusion_key
 from .ode import odeint_adaptive
 from .ops import apply_kk, compute_dtype
@@ -124,11 +125,14 @@ def _times(diffusion: LinearDiffusion, solver: Solver, steps, grid, t_min: float
     t_0 = t_eff (``solvers.effective_horizon``), or the user's tensor checked."""
     if not isinstance(grid, Tensor):
         grid = solver.grid if grid is None else grid
-        if grid not in GRIDS:
-            raise ValueError(f"grid must be one of {GRIDS} or a 1-D tensor of times, got {grid!r}")
+        if grid not in NAMED_GRIDS:
+            raise ValueError(f"grid must be one of {NAMED_GRIDS} or a 1-D tensor of times, got {grid!r}")
         t_eff = effective_horizon(diffusion)
-        return time_grid(diffusion, check_int(solver.steps if steps is None else steps, "steps"), grid, t_min,
-                         t_eff if t_eff > t_min else diffusion.T)
+        steps = check_int(solver.steps if steps is None else steps, "steps")
+        t_max = t_eff if t_eff > t_min else diffusion.T
+        if grid == "optimized":
+            return optimized_grid(diffusion, steps, t_min, t_max)
+        return time_grid(diffusion, steps, grid, t_min, t_max)
     if grid.dim() != 1 or grid.numel() < 2 or not grid.is_floating_point():
         raise ValueError(f"grid must be a 1-D float tensor of at least 2 times, got shape "
                          f"{tuple(grid.shape)} and dtype {grid.dtype}")
