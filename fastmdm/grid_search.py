@@ -27,7 +27,7 @@ from .validation import check_int
 
 NAMED_GRIDS = (*GRIDS, "optimized")  # the grids fm.sample takes by name
 PROXY_STDS = (0.02, 0.05, 0.15)  # mode stds of the proxy mixtures (modes at unit spacing)
-PROXY_SAMPLES = 512  # prior draws per proxy
+PROXY_SAMPLES = 1024  # prior draws per proxy
 REFERENCE_STEPS = 200  # fine "datasnr" grid of the reference samples
 MAX_EVALUATIONS = 200  # Nelder–Mead budget per grid
 _QUANTILES = torch.linspace(0.02, 0.98, 49, dtype=torch.float64)
@@ -59,10 +59,19 @@ class _ExactLoop:
         return u
 
 
+def prior_draws(diffusion: LinearDiffusion) -> Tensor:
+    """PROXY_SAMPLES fixed draws of u_T ~ N(0, Σ∞), (B, K, 1): scrambled Sobol points through the normal
+    quantile (low-variance, so the search sees a smooth objective)."""
+    engine = torch.quasirandom.SobolEngine(diffusion.K, scramble=True, seed=0)
+    sobol = engine.draw(PROXY_SAMPLES, dtype=torch.float64)
+    normal = torch.special.ndtri(sobol.clamp(1e-12, 1 - 1e-12))
+    return (normal * diffusion.stationary_var.detach().cpu().to(torch.float64).sqrt())[..., None]
+
+
 def proxy_samples(diffusion: LinearDiffusion, times: Tensor, order: int = 3) -> list[Tensor]:
     """The "ei-data" samples x (PROXY_SAMPLES,) of each proxy law on ``times`` (float64, fixed draws)."""
     plan = data_multistep_plan(diffusion, times, order)
-    start = diffusion.prior_sample((PROXY_SAMPLES, 1), torch.Generator().manual_seed(0), torch.float64)
+    start = prior_draws(diffusion)
     with torch.no_grad():
         return [run_data_multistep(_ExactLoop(exact_score_model(mix, diffusion), PROXY_SAMPLES), plan,
                                    start)[:, 0, 0] for mix in proxy_mixtures()]
@@ -139,4 +148,4 @@ def optimized_grid(diffusion: LinearDiffusion, steps: int, t_min: float | None =
     return _grids[key].clone()
 
 
-__all__ = ["NAMED_GRIDS", "optimized_grid", "per_mode_w2", "proxy_mixtures", "proxy_samples"]
+__all__ = ["NAMED_GRIDS", "optimized_grid", "per_mode_w2", "prior_draws", "proxy_mixtures", "proxy_samples"]

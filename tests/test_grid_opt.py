@@ -28,7 +28,8 @@ def test_proxy_samples_are_the_sampler(maker):
     """The proxies' samples are fm.sample's ("ei-data", exact score) from the same prior draws."""
     diff = maker()
     times = time_grid(diff, 6, "datasnr")
-    start = diff.prior_sample((grid_search.PROXY_SAMPLES, 1), gen(0), torch.float64)
+    start = grid_search.prior_draws(diff)
+    assert start.shape == (grid_search.PROXY_SAMPLES, diff.K, 1) and torch.isfinite(start).all()
     for mix, x in zip(grid_search.proxy_mixtures(), grid_search.proxy_samples(diff, times), strict=True):
         expected = fm.sample(exact_score_model(mix, diff), diff, x_T=start, grid=times, solver="ei-data",
                              denoise=False)[:, 0]
