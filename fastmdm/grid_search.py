@@ -119,7 +119,7 @@ def _times(diffusion: LinearDiffusion, table: tuple[Tensor, Tensor], logits: np.
 def optimized_grid(diffusion: LinearDiffusion, steps: int, t_min: float | None = None,
                    t_max: float | None = None, order: int = 3) -> Tensor:
     """The N + 1 times t_max = t_0 > … > t_N = t_min (defaults T, t_min) minimising the proxy error of
-    "ei-data" of ``order`` (float64; cached per diffusion, N, ends and order; ~10–60 CPU s to build)."""
+    "ei-data" of ``order`` (float64; cached per diffusion, N, ends and order; 15–120 CPU s to build)."""
     steps = check_int(steps, "steps")
     lo = diffusion.t_min if t_min is None else float(t_min)
     hi = diffusion.T if t_max is None else float(t_max)
