@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.optimize import minimize
 from torch import Tensor
 
 from .data_multistep import data_multistep_plan, run_data_multistep
@@ -127,6 +126,11 @@ def optimized_grid(diffusion: LinearDiffusion, steps: int, t_min: float | None =
     if key not in _grids:
         best = data_snr_grid(diffusion, steps, lo, hi)
         if steps > 1:
+            try:
+                from scipy.optimize import minimize  # an optional dependency: only this grid needs it
+            except ImportError:
+                raise ImportError('grid="optimized" needs scipy: pip install scipy '
+                                  '(or "fastmdm[data]", which brings it)') from None
             mixtures = proxy_mixtures()
             references = proxy_samples(diffusion, data_snr_grid(diffusion, REFERENCE_STEPS, lo, hi), order)
             table = _lambda_table(diffusion, lo, hi)
