@@ -28,7 +28,14 @@ from .noise_frame import rotation
 from .ops import apply_kk
 from .parameterization import denoised_weights
 from .sde_step import sde_step
-from .solvers import QUADRATURE_NODES, LinearPlan, _gauss_legendre, _lagrange, ei_ode_plan, transition_at
+from .solvers import (
+    QUADRATURE_NODES,
+    LinearPlan,
+    ei_ode_plan,
+    interval_gauss_legendre,
+    lagrange_basis,
+    transition_at,
+)
 from .validation import check_choice, check_int
 
 MAX_PIECE = 0.5  # longest Gauss–Legendre piece in ρ = log τ
@@ -53,7 +60,7 @@ def _pieces(rho: Tensor) -> tuple[Tensor, Tensor, list[int]]:
         lows.append(edges[:-1])
         highs.append(edges[1:])
         counts.append((edges.numel() - 1) * QUADRATURE_NODES)
-    nodes, weights = _gauss_legendre(torch.cat(lows), torch.cat(highs), QUADRATURE_NODES)
+    nodes, weights = interval_gauss_legendre(torch.cat(lows), torch.cat(highs), QUADRATURE_NODES)
     return nodes.flatten(), weights.flatten(), counts
 
 
@@ -91,7 +98,7 @@ def data_multistep_plan(diffusion: LinearDiffusion, times: Tensor, order: int = 
                 continue
             points = [float(sigma[n - j]) for j in range(q)]
             shifted = node_sigma[span].numpy() - points[0]
-            basis = torch.stack([torch.from_numpy(_lagrange(points, j)(shifted)) for j in range(q)])
+            basis = torch.stack([torch.from_numpy(lagrange_basis(points, j)(shifted)) for j in range(q)])
             omega = (weights[span] * basis) @ rate[span]  # (q, K): ∫ ℓ_j(σ) dc
             omega[0] -= omega.sum(0)
             corrections[n, :q] = (frame[n + 1] @ omega.mT).mT

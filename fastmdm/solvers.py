@@ -127,14 +127,14 @@ def effective_horizon(diffusion: LinearDiffusion) -> float:
     return _horizons[key]
 
 
-def _gauss_legendre(rho_from: Tensor, rho_to: Tensor, m: int) -> tuple[Tensor, Tensor]:
+def interval_gauss_legendre(rho_from: Tensor, rho_to: Tensor, m: int) -> tuple[Tensor, Tensor]:
     """Nodes (N, m) and oriented weights (N, m) of Gauss–Legendre on each [ρ_from, ρ_to]."""
     x, w = (torch.from_numpy(v) for v in np.polynomial.legendre.leggauss(m))
     half = (rho_to - rho_from)[:, None] / 2
     return (rho_from + rho_to)[:, None] / 2 + half * x, half * w
 
 
-def _lagrange(points: list[float], j: int) -> np.polynomial.Polynomial:
+def lagrange_basis(points: list[float], j: int) -> np.polynomial.Polynomial:
     """ℓ_j through ``points`` (ℓ_j(points[i]) = δ_ij), in the variable ρ − points[0]."""
     x = np.asarray(points) - points[0]
     if x.size == 1:
@@ -166,7 +166,7 @@ def ei_ode_plan(diffusion: LinearDiffusion, times: Tensor, order: int = 2,
     gamma = torch.zeros(N, order, K, K, dtype=torch.float64)
     need_nodes = noise == "cholesky" or order > 1
     if need_nodes:
-        nodes, weights = _gauss_legendre(rho[:-1], rho[1:], QUADRATURE_NODES)
+        nodes, weights = interval_gauss_legendre(rho[:-1], rho[1:], QUADRATURE_NODES)
         node_tau = nodes.exp()
         node_tk = transition_at(diffusion, diffusion.tau_inverse(node_tau.flatten()).clamp(
             diffusion.t_min, diffusion.T))
@@ -188,7 +188,7 @@ def ei_ode_plan(diffusion: LinearDiffusion, times: Tensor, order: int = 2,
         q = min(order, n + 1)
         points = [float(rho[n - j]) for j in range(q)]
         for j in range(q):
-            ell = _lagrange(points, j)
+            ell = lagrange_basis(points, j)
             if noise == "rotated":
                 coef = frame[n + 1] * float(ell(float(rho[n + 1]) - points[0]))
                 if q > 1:
@@ -433,7 +433,7 @@ def get_solver(name: str) -> Solver:
 __all__ = [
     "SOLVERS", "AdaptivePlan", "HeunPlan", "LinearPlan", "NOISES", "Solver", "SolverNames",
     "adaptive_plan", "ancestral_plan", "check_ei_ode", "check_eta", "check_tolerances", "default_solver",
-    "effective_horizon", "ei_ode_plan",
+    "effective_horizon", "ei_ode_plan", "interval_gauss_legendre", "lagrange_basis",
     "euler_maruyama_plan", "flow", "get_solver", "heun_plan", "psd_sqrt", "register_solver", "sscs_plan",
     "transition_at",
 ]
