@@ -4,8 +4,8 @@
 - "uniform":   t_i = T − (T − t_min) i/N;
 - "logsnr":    uniform in φ(t) = log(e^{τ(t)} − 1) (minus the log-SNR of a VP-SDE), inverted in closed
   form by τ = softplus(φ) and t = τ⁻¹(τ) — nearly uniform in log τ near the data;
-- "datasnr":   uniform in the data log-SNR λ = log‖L_t⁻¹a_t‖ clipped to [−2, 5] (docs/math.md §10), the
-  default of the "ei-data" solver;
+- "datasnr":   in the data log-SNR λ = log‖L_t⁻¹a_t‖ clipped to [−1.5, 5], steps growing like e^{κ_N λ}
+  (docs/math.md §10), the default of the "ei-data" solver;
 - "optimized": chosen once per diffusion for "ei-data" on proxy mixtures with exact scores, without
   network or data (docs/math.md §11); built by :func:`fastmdm.grid_search.optimized_grid` (it runs the
   solver, so it is not in GRIDS or :func:`time_grid`); ``fm.sample(grid="optimized")`` takes it.
@@ -26,7 +26,8 @@ from .schedules import sigma_from_tau, tau_from_sigma
 from .validation import check_choice, check_int, check_number
 
 GRIDS = ("quadratic", "uniform", "logsnr", "datasnr")
-DATA_SNR_WINDOW = (-2.0, 5.0)  # λ = log‖L⁻¹a‖ range where a unit-scale data law's detail lives
+DATA_SNR_WINDOW = (-1.5, 5.0)  # λ = log‖L⁻¹a‖ range where a unit-scale data law's detail lives
+DATA_SNR_MAX_WARP = 0.25  # κ at 10 steps: λ-steps grow like e^{κλ} (Karras ρ = 1/κ in σ = e^{−λ})
 OUTSIDE_DENSITY = 0.02  # relative step density outside the window: every step still shrinks as N grows
 _DENSE = 2001
 
@@ -39,9 +40,16 @@ def data_log_snr(diffusion: LinearDiffusion, times: Tensor) -> Tensor:
     return (tk.chol_inv_t.mT @ tk.mean_coef[..., :1])[..., 0].norm(dim=-1).log()
 
 
+def data_snr_warp(steps: int) -> float:
+    """κ_N = DATA_SNR_MAX_WARP · clip((N − 5)/5, 0, 1) · min(1, 10/N): none up to 5 steps, strongest at
+    10, then fading as 10/N (docs/math.md §10, measured on sharp mixtures)."""
+    return DATA_SNR_MAX_WARP * min(max((steps - 5) / 5, 0.0), 1.0) * min(1.0, 10 / steps)
+
+
 def data_snr_grid(diffusion: LinearDiffusion, steps: int, t_min: float | None = None,
                   t_max: float | None = None) -> Tensor:
-    """Times uniform in g(λ) = clip(λ) + OUTSIDE_DENSITY (λ − clip(λ)), clip to DATA_SNR_WINDOW.
+    """Times uniform in w = −expm1(−κ_N (g − g_T))/κ_N (w = g − g_T at κ_N = 0), where
+    g(λ) = clip(λ) + OUTSIDE_DENSITY (λ − clip(λ)), clip to DATA_SNR_WINDOW and κ_N = data_snr_warp(N).
 
     λ is tabulated on a dense grid in ρ = log τ and made non-decreasing; each level is inverted by
     linear interpolation in ρ (docs/math.md §10).
@@ -53,14 +61,16 @@ def data_snr_grid(diffusion: LinearDiffusion, steps: int, t_min: float | None = 
     lam = data_log_snr(diffusion, diffusion.tau_inverse(rho.exp()).clamp(lo, hi))
     inside = lam.clamp(*DATA_SNR_WINDOW)
     g = torch.cummax(inside + OUTSIDE_DENSITY * (lam - inside), 0).values
-    levels = g[0] + (g[-1] - g[0]) * torch.arange(1, steps, dtype=torch.float64) / steps
-    i = torch.searchsorted(g, levels).clamp(1, _DENSE - 1)
-    frac = (levels - g[i - 1]) / (g[i] - g[i - 1])
+    g = g - g[0]
+    kappa = data_snr_warp(steps)
+    w = g if kappa == 0 else -torch.expm1(-kappa * g) / kappa
+    levels = w[-1] * torch.arange(1, steps, dtype=torch.float64) / steps
+    i = torch.searchsorted(w, levels).clamp(1, _DENSE - 1)
+    frac = (levels - w[i - 1]) / (w[i] - w[i - 1])
     inner = rho[i - 1] + frac * (rho[i] - rho[i - 1])
     t = torch.cat([torch.tensor([hi], dtype=torch.float64), diffusion.tau_inverse(inner.exp()),
                    torch.tensor([lo], dtype=torch.float64)])
     return t
-
 
 
 def time_grid(diffusion: LinearDiffusion, steps: int, kind: str = "quadratic",

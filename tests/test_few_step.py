@@ -8,7 +8,15 @@ import torch
 from sampler_helpers import dirac_eps_model
 
 import fastmdm as fm
-from fastmdm.grids import DATA_SNR_WINDOW, GRIDS, OUTSIDE_DENSITY, data_log_snr, time_grid
+from fastmdm.grids import (
+    DATA_SNR_MAX_WARP,
+    DATA_SNR_WINDOW,
+    GRIDS,
+    OUTSIDE_DENSITY,
+    data_log_snr,
+    data_snr_warp,
+    time_grid,
+)
 from fastmdm.mixtures import GaussianMixture, exact_score_model
 from fastmdm.noise_frame import noise_frame, rotation
 from fastmdm.sampling import sample
@@ -37,19 +45,34 @@ def final_state(model, diffusion, x_T, **options):
 
 # -- the datasnr grid -----------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(MAKERS))
-def test_datasnr_grid_is_uniform_in_clipped_log_snr(name):
-    """Exact ends, strictly decreasing, and g(λ) = clip(λ) + OUTSIDE_DENSITY (λ − clip(λ)) equally spaced
-    (to the dense table's interpolation error) for 1, 2, 5 and 20 steps."""
+def test_datasnr_grid_is_uniform_in_warped_clipped_log_snr(name):
+    """Exact ends, strictly decreasing, and e^{−κ_N g} equally spaced (g itself at κ_N = 0), g(λ) = clip(λ) +
+    OUTSIDE_DENSITY (λ − clip(λ)), to the dense table's interpolation error, for 1, 2, 5, 8, 10 and 20 steps."""
     diff = MAKERS[name]()
-    for steps in (1, 2, 5, 20):
+    for steps in (1, 2, 5, 8, 10, 20):
         t = time_grid(diff, steps, "datasnr")
         assert t.shape == (steps + 1,) and t[0] == diff.T and t[-1] == diff.t_min
         assert (t[1:] < t[:-1]).all()
         lam = data_log_snr(diff, t)
         inside = lam.clamp(*DATA_SNR_WINDOW)
         g = inside + OUTSIDE_DENSITY * (lam - inside)
-        gaps = g[1:] - g[:-1]
+        kappa = data_snr_warp(steps)
+        w = g if kappa == 0 else -torch.exp(-kappa * (g - g[0])) / kappa
+        gaps = w[1:] - w[:-1]
         assert (gaps - gaps.mean()).abs().max() < 1e-3 * gaps.mean() + 1e-4, (steps, gaps)
+
+
+def test_datasnr_warp_fades_outside_ten_steps():
+    """κ_N: none up to 5 steps (uniform in g), the largest at 10, 10/N of it beyond; CLD's inner λ-steps at 10
+    steps grow by e^{κ Δλ}, Δλ ≈ 4.2 between the first and last (measured 0.37 → 1.06)."""
+    assert [data_snr_warp(n) for n in (1, 5)] == [0.0, 0.0]
+    assert data_snr_warp(10) == DATA_SNR_MAX_WARP and data_snr_warp(20) == DATA_SNR_MAX_WARP / 2
+    assert 0 < data_snr_warp(7) < data_snr_warp(9) < data_snr_warp(10) > data_snr_warp(12) > data_snr_warp(40)
+    diff = fm.cld()
+    lam = data_log_snr(diff, time_grid(diff, 10, "datasnr"))
+    gaps = lam[1:] - lam[:-1]
+    inner = gaps[1:-1]  # both ends reach outside the window
+    assert (inner[1:] > inner[:-1]).all() and 2.5 < float(inner[-1] / inner[0]) < 3.5, gaps
 
 
 def test_data_log_snr_of_vp_is_log_alpha_over_sigma():
