@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .data_multistep import data_multistep_plan, run_data_multistep
 from .diffusion import LinearDiffusion
-from .grids import GRIDS, data_log_snr, data_snr_grid
+from .grids import GRIDS, data_log_snr, data_log_snr_table, data_snr_grid, times_at_levels
 from .mixtures import GaussianMixture, exact_score_model
 from .noise_frame import diffusion_key
 from .validation import check_int
@@ -30,7 +30,6 @@ PROXY_SAMPLES = 1024  # prior draws per proxy
 REFERENCE_STEPS = 200  # fine "datasnr" grid of the reference samples
 MAX_EVALUATIONS = 200  # Nelder–Mead budget per grid
 _QUANTILES = torch.linspace(0.02, 0.98, 49, dtype=torch.float64)
-_DENSE = 2001
 _grids: dict[tuple, Tensor] = {}
 
 
@@ -93,14 +92,6 @@ def per_mode_w2(x: Tensor, reference: Tensor, mixture: GaussianMixture) -> float
     return total
 
 
-def _lambda_table(diffusion: LinearDiffusion, t_min: float, t_max: float) -> tuple[Tensor, Tensor]:
-    """(ρ, λ) on a dense grid in ρ = log τ from t_max to t_min, λ made non-decreasing."""
-    ends = diffusion.tau(torch.tensor([t_max, t_min], dtype=torch.float64)).log()
-    rho = torch.linspace(float(ends[0]), float(ends[1]), _DENSE, dtype=torch.float64)
-    lam = data_log_snr(diffusion, diffusion.tau_inverse(rho.exp()).clamp(t_min, t_max))
-    return rho, torch.cummax(lam, 0).values
-
-
 def _times(diffusion: LinearDiffusion, table: tuple[Tensor, Tensor], logits: np.ndarray,
            t_min: float, t_max: float) -> Tensor:
     """The grid whose λ increments are softmax([logits, 0]) of λ's range (monotone, exact ends)."""
@@ -108,11 +99,7 @@ def _times(diffusion: LinearDiffusion, table: tuple[Tensor, Tensor], logits: np.
     z = np.concatenate([logits, [0.0]])
     w = np.exp(z - z.max())
     levels = lam[0] + (lam[-1] - lam[0]) * torch.from_numpy(np.cumsum(w / w.sum())[:-1])
-    i = torch.searchsorted(lam, levels).clamp(1, _DENSE - 1)
-    frac = ((levels - lam[i - 1]) / (lam[i] - lam[i - 1]).clamp_min(1e-300)).clamp(0, 1)
-    inner = diffusion.tau_inverse((rho[i - 1] + frac * (rho[i] - rho[i - 1])).exp()).clamp(t_min, t_max)
-    return torch.cat([torch.tensor([t_max], dtype=torch.float64), inner,
-                      torch.tensor([t_min], dtype=torch.float64)])
+    return times_at_levels(diffusion, rho, lam, levels, t_min, t_max)
 
 
 def optimized_grid(diffusion: LinearDiffusion, steps: int, t_min: float | None = None,
@@ -133,7 +120,7 @@ def optimized_grid(diffusion: LinearDiffusion, steps: int, t_min: float | None =
                                   '(or "fastmdm[data]", which brings it)') from None
             mixtures = proxy_mixtures()
             references = proxy_samples(diffusion, data_snr_grid(diffusion, REFERENCE_STEPS, lo, hi), order)
-            table = _lambda_table(diffusion, lo, hi)
+            table = data_log_snr_table(diffusion, lo, hi)
 
             def objective(logits: np.ndarray) -> float:
                 samples = proxy_samples(diffusion, _times(diffusion, table, logits, lo, hi), order)

@@ -46,6 +46,25 @@ def data_snr_warp(steps: int) -> float:
     return DATA_SNR_MAX_WARP * min(max((steps - 5) / 5, 0.0), 1.0) * min(1.0, 10 / steps)
 
 
+def data_log_snr_table(diffusion: LinearDiffusion, t_min: float, t_max: float) -> tuple[Tensor, Tensor]:
+    """(ρ, λ) on a dense grid in ρ = log τ from t_max to t_min, λ = data_log_snr made non-decreasing."""
+    ends = diffusion.tau(torch.tensor([t_max, t_min], dtype=torch.float64)).log()
+    rho = torch.linspace(float(ends[0]), float(ends[1]), _DENSE, dtype=torch.float64)
+    lam = data_log_snr(diffusion, diffusion.tau_inverse(rho.exp()).clamp(t_min, t_max))
+    return rho, torch.cummax(lam, 0).values
+
+
+def times_at_levels(diffusion: LinearDiffusion, rho: Tensor, values: Tensor, levels: Tensor,
+                    t_min: float, t_max: float) -> Tensor:
+    """The grid t_max, t(level)…, t_min, each interior time where the non-decreasing ``values`` (tabulated
+    at ``rho``) reach a level, by linear interpolation in ρ = log τ."""
+    i = torch.searchsorted(values, levels).clamp(1, _DENSE - 1)
+    frac = ((levels - values[i - 1]) / (values[i] - values[i - 1]).clamp_min(1e-300)).clamp(0, 1)
+    inner = diffusion.tau_inverse((rho[i - 1] + frac * (rho[i] - rho[i - 1])).exp()).clamp(t_min, t_max)
+    return torch.cat([torch.tensor([t_max], dtype=torch.float64), inner,
+                      torch.tensor([t_min], dtype=torch.float64)])
+
+
 def data_snr_grid(diffusion: LinearDiffusion, steps: int, t_min: float | None = None,
                   t_max: float | None = None) -> Tensor:
     """Times uniform in w = −expm1(−κ_N (g − g_T))/κ_N (w = g − g_T at κ_N = 0), where
@@ -56,21 +75,14 @@ def data_snr_grid(diffusion: LinearDiffusion, steps: int, t_min: float | None = 
     """
     steps = check_int(steps, "steps")
     lo, hi = diffusion.t_min if t_min is None else t_min, diffusion.T if t_max is None else t_max
-    ends = diffusion.tau(torch.tensor([hi, lo], dtype=torch.float64)).log()
-    rho = torch.linspace(float(ends[0]), float(ends[1]), _DENSE, dtype=torch.float64)
-    lam = data_log_snr(diffusion, diffusion.tau_inverse(rho.exp()).clamp(lo, hi))
+    rho, lam = data_log_snr_table(diffusion, lo, hi)
     inside = lam.clamp(*DATA_SNR_WINDOW)
-    g = torch.cummax(inside + OUTSIDE_DENSITY * (lam - inside), 0).values
+    g = inside + OUTSIDE_DENSITY * (lam - inside)
     g = g - g[0]
     kappa = data_snr_warp(steps)
     w = g if kappa == 0 else -torch.expm1(-kappa * g) / kappa
     levels = w[-1] * torch.arange(1, steps, dtype=torch.float64) / steps
-    i = torch.searchsorted(w, levels).clamp(1, _DENSE - 1)
-    frac = (levels - w[i - 1]) / (w[i] - w[i - 1])
-    inner = rho[i - 1] + frac * (rho[i] - rho[i - 1])
-    t = torch.cat([torch.tensor([hi], dtype=torch.float64), diffusion.tau_inverse(inner.exp()),
-                   torch.tensor([lo], dtype=torch.float64)])
-    return t
+    return times_at_levels(diffusion, rho, w, levels, lo, hi)
 
 
 def time_grid(diffusion: LinearDiffusion, steps: int, kind: str = "quadratic",
