@@ -59,6 +59,7 @@ CONFIGS = [
     ("ei-data o3 datasnr", dict(solver="ei-data", order=3, grid="datasnr"), False),
     ("ei-data o3 datasnr +den", dict(solver="ei-data", order=3, grid="datasnr"), True),
     ("ei-ode o3 logsnr", dict(solver="ei-ode", order=3, grid="logsnr"), False),
+    ("ei-ode o3 logsnr +den", dict(solver="ei-ode", order=3, grid="logsnr"), True),
     ("ei-ode o2 quadratic", dict(solver="ei-ode", order=2, grid="quadratic"), False),
     ("ei-ode o2 quadratic +den", dict(solver="ei-ode", order=2, grid="quadratic"), True),
     ("ei-ode o2 datasnr", dict(solver="ei-ode", order=2, grid="datasnr"), False),
@@ -137,7 +138,7 @@ def default_label(diffusion) -> str:
     """What ``fm.sample(model, diffusion, shape, steps)`` runs (its end: denoised or the state)."""
     solver = default_solver(diffusion, diffusion.t_min)
     entry = get_solver(solver)
-    end = " +den" if default_denoise(diffusion, diffusion.t_min, "eps") else ""
+    end = " +den" if default_denoise(diffusion, diffusion.t_min, "eps", entry) else ""
     return f"default ({solver} o{entry.options['order']} {entry.grid}{end})"
 
 
@@ -217,7 +218,7 @@ def diffusers_runs(mixture, d: int, nfe: int, samples: int, seed: int) -> dict[s
 def fastmdm_runs(model, diff, d: int, nfe: int, samples: int, seed: int) -> dict[str, tuple[torch.Tensor, bool]]:
     """{label: (samples, denoised?)} for the defaults and CONFIGS at a budget of nfe calls."""
     gen = lambda: torch.Generator().manual_seed(seed)  # noqa: E731
-    denoise = default_denoise(diff, diff.t_min, "eps")
+    denoise = default_denoise(diff, diff.t_min, "eps", get_solver(default_solver(diff, diff.t_min)))
     out = {default_label(diff): (sample(model, diff, (samples, d), steps=nfe - denoise, generator=gen()), denoise)}
     for label, options, denoise in CONFIGS:
         x = sample(model, diff, (samples, d), steps=nfe - denoise, generator=gen(), denoise=denoise, **options)

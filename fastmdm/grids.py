@@ -6,6 +6,8 @@
   form by τ = softplus(φ) and t = τ⁻¹(τ) — nearly uniform in log τ near the data;
 - "datasnr":   in the data log-SNR λ = log‖L_t⁻¹a_t‖ clipped to [−1.5, 5], steps growing like e^{κ_N λ}
   (docs/math.md §10), the default of the "ei-data" solver;
+- "datasnr-eps": the same in λ clipped to [−1.75, 5] with the warp of a noise-prediction multistep,
+  κ_N = min(0.1 + N/100, 0.3) (docs/math.md §10), the default of the "ei-ode" solver;
 - "optimized": chosen once per diffusion for "ei-data" on proxy mixtures with exact scores, without
   network or data (docs/math.md §11); built by :func:`fastmdm.grid_search.optimized_grid` (it runs the
   solver, so it is not in GRIDS or :func:`time_grid`); ``fm.sample(grid="optimized")`` takes it.
@@ -25,9 +27,11 @@ from .diffusion import LinearDiffusion
 from .schedules import sigma_from_tau, tau_from_sigma
 from .validation import check_choice, check_int, check_number
 
-GRIDS = ("quadratic", "uniform", "logsnr", "datasnr")
+GRIDS = ("quadratic", "uniform", "logsnr", "datasnr", "datasnr-eps")
 DATA_SNR_WINDOW = (-1.5, 5.0)  # λ = log‖L⁻¹a‖ range where a unit-scale data law's detail lives
+EPS_SNR_BOTTOM = -1.75  # the window's bottom for noise-prediction solvers ("datasnr-eps")
 DATA_SNR_MAX_WARP = 0.25  # κ at 10 steps: λ-steps grow like e^{κλ} (Karras ρ = 1/κ in σ = e^{−λ})
+EPS_SNR_MAX_WARP = 0.3  # the largest κ of "datasnr-eps", from 20 steps on
 OUTSIDE_DENSITY = 0.02  # relative step density outside the window: every step still shrinks as N grows
 _DENSE = 2001
 
@@ -44,6 +48,12 @@ def data_snr_warp(steps: int) -> float:
     """κ_N = DATA_SNR_MAX_WARP · clip((N − 5)/5, 0, 1) · min(1, 10/N): none up to 5 steps, strongest at
     10, then fading as 10/N (docs/math.md §10, measured on sharp mixtures)."""
     return DATA_SNR_MAX_WARP * min(max((steps - 5) / 5, 0.0), 1.0) * min(1.0, 10 / steps)
+
+
+def eps_snr_warp(steps: int) -> float:
+    """κ_N = min(0.1 + N/100, EPS_SNR_MAX_WARP) of "datasnr-eps": a noise-prediction multistep wants its
+    steps packed towards low λ more as N grows (docs/math.md §10, measured on sharp mixtures)."""
+    return min(0.1 + steps / 100, EPS_SNR_MAX_WARP)
 
 
 def data_log_snr_table(diffusion: LinearDiffusion, t_min: float, t_max: float) -> tuple[Tensor, Tensor]:
@@ -66,9 +76,10 @@ def times_at_levels(diffusion: LinearDiffusion, rho: Tensor, values: Tensor, lev
 
 
 def data_snr_grid(diffusion: LinearDiffusion, steps: int, t_min: float | None = None,
-                  t_max: float | None = None) -> Tensor:
+                  t_max: float | None = None, kind: str = "datasnr") -> Tensor:
     """Times uniform in w = −expm1(−κ_N (g − g_T))/κ_N (w = g − g_T at κ_N = 0), where
-    g(λ) = clip(λ) + OUTSIDE_DENSITY (λ − clip(λ)), clip to DATA_SNR_WINDOW and κ_N = data_snr_warp(N).
+    g(λ) = clip(λ) + OUTSIDE_DENSITY (λ − clip(λ)), clip to [b, 5]; "datasnr": b = −1.5 and
+    κ_N = data_snr_warp(N), "datasnr-eps": b = EPS_SNR_BOTTOM and κ_N = eps_snr_warp(N).
 
     λ is tabulated on a dense grid in ρ = log τ and made non-decreasing; each level is inverted by
     linear interpolation in ρ (docs/math.md §10).
@@ -76,10 +87,11 @@ def data_snr_grid(diffusion: LinearDiffusion, steps: int, t_min: float | None = 
     steps = check_int(steps, "steps")
     lo, hi = diffusion.t_min if t_min is None else t_min, diffusion.T if t_max is None else t_max
     rho, lam = data_log_snr_table(diffusion, lo, hi)
-    inside = lam.clamp(*DATA_SNR_WINDOW)
+    eps = kind == "datasnr-eps"
+    inside = lam.clamp(EPS_SNR_BOTTOM if eps else DATA_SNR_WINDOW[0], DATA_SNR_WINDOW[1])
     g = inside + OUTSIDE_DENSITY * (lam - inside)
     g = g - g[0]
-    kappa = data_snr_warp(steps)
+    kappa = eps_snr_warp(steps) if eps else data_snr_warp(steps)
     w = g if kappa == 0 else -torch.expm1(-kappa * g) / kappa
     levels = w[-1] * torch.arange(1, steps, dtype=torch.float64) / steps
     return times_at_levels(diffusion, rho, w, levels, lo, hi)
@@ -91,8 +103,8 @@ def time_grid(diffusion: LinearDiffusion, steps: int, kind: str = "quadratic",
     (float64)."""
     steps = check_int(steps, "steps")
     check_choice(kind, GRIDS, "grid")
-    if kind == "datasnr":
-        return data_snr_grid(diffusion, steps, t_min, t_max)
+    if kind.startswith("datasnr"):
+        return data_snr_grid(diffusion, steps, t_min, t_max, kind)
     lo, hi = diffusion.t_min if t_min is None else t_min, diffusion.T if t_max is None else t_max
     frac = torch.arange(steps + 1, dtype=torch.float64) / steps
     if kind == "quadratic":

@@ -100,12 +100,14 @@ def _check_start(diffusion: LinearDiffusion, shape, x_T, device) -> tuple[tuple[
     return state_shape, x_T.device
 
 
-def default_denoise(diffusion: LinearDiffusion, end: float, prediction: str) -> bool:
+def default_denoise(diffusion: LinearDiffusion, end: float, prediction: str, solver: Solver) -> bool:
     """Denoise by default where it changes the sample: Var(x_t | x₀) at the end, Σ_xx, above
     DENOISE_MIN_VARIANCE (VP-SDE: 1e-4 at t_min 1e-3). An MDM whose data variable gets its noise
     only through the auxiliaries has Σ_xx ~ τ³ or smaller (CLD 1e-12): its state is the denoised
-    end already, and the extra network call would only cost a step (benchmarks/results/denoised-end.md)."""
-    if not get_parameterization(prediction).full_score:
+    end already, and the extra network call would only cost a step (benchmarks/results/denoised-end.md).
+    "ei-ode" and "ei-data" end on the state: their last step beats a Tweedie call at equal NFE
+    (benchmarks/results/quality-2026-12-01.md)."""
+    if not (solver.denoise and get_parameterization(prediction).full_score):
         return False
     cov = transition_at(diffusion, torch.tensor([end], dtype=torch.float64)).cov
     return float(cov[0, 0, 0]) > DENOISE_MIN_VARIANCE
@@ -390,15 +392,15 @@ def _langevin_corrector(net: _Network, diffusion: LinearDiffusion, times: Tensor
 
 register_solver(Solver("euler-maruyama", euler_maruyama_plan, run_linear, steps=500, grid="quadratic",
                        full_score=False))
-register_solver(Solver("ei-ode", ei_ode_plan, run_linear, options={"order": 3, "noise": "rotated"},
-                       check=check_ei_ode))
+register_solver(Solver("ei-ode", ei_ode_plan, run_linear, grid="datasnr-eps",
+                       options={"order": 2, "noise": "rotated"}, check=check_ei_ode, denoise=False))
 register_solver(Solver("ancestral", ancestral_plan, run_linear, options={"eta": 1.0}, check=check_eta))
 register_solver(Solver("heun", heun_plan, run_heun, nfe_per_step=2, full_score=False))
 register_solver(Solver("rk45", adaptive_plan, run_adaptive, options={"rtol": 1e-4, "atol": 1e-4},
                        check=check_tolerances, corrector=False, full_score=False))
 register_solver(Solver("sscs", sscs_plan, run_linear, full_score=False))
 register_solver(Solver("ei-data", data_multistep_plan, run_data_multistep, grid="datasnr",
-                       options={"order": 3}, check=check_data_multistep))
+                       options={"order": 3}, check=check_data_multistep, denoise=False))
 
 
 @staged("sample")
@@ -423,8 +425,9 @@ def sample(model, diffusion: LinearDiffusion, shape=None, steps: int | None = No
     only through auxiliaries (data log-SNR at t_min above 5: CLD, ALDA, MALDA), else "ei-ode".
     "euler-maruyama" (the published reference: reverse SDE, quadratic grid, 500
     steps, no noise on the last step); "ei-ode" (exponential integrator on the
-    probability-flow ODE, ``order`` 1–3 multistep, ``noise`` "rotated" — exact for a single-point
-    data law — or "cholesky"); "ei-data" (x̂₀ multistep, ``order`` 1–3, "datasnr" grid);
+    probability-flow ODE, ``order`` 1–3 multistep (default 2), "datasnr-eps" grid, ``noise`` "rotated"
+    — exact for a single-point data law — or "cholesky"); "ei-data" (x̂₀ multistep, ``order`` 1–3,
+    "datasnr" grid);
     "ancestral" (exact Gaussian posterior step, ``eta`` ∈ [0, 1]; 1 =
     DDPM, 0 = DDIM); "heun" (2 NFE per step, probability-flow ODE in log τ); "rk45" (adaptive
     Dormand–Prince with ``rtol``/``atol``; ``steps`` only sets the reported grid); "sscs"
@@ -432,16 +435,18 @@ def sample(model, diffusion: LinearDiffusion, shape=None, steps: int | None = No
     ``corrector="langevin"`` adds ``corrector_steps``
     preconditioned Langevin steps with target ``snr`` after each step.
 
-    ``grid``: "quadratic", "uniform", "logsnr" (the solver's default) from T to ``t_min`` (default:
-    the diffusion's) in ``steps`` steps (the solver's default), or a 1-D tensor of times, strictly
-    decreasing in [t_min, T]. A named grid starts at ``fastmdm.solvers.effective_horizon`` (T unless
-    the data is forgotten earlier, as with a large β_max: there p_t is the prior to 1e-6).
+    ``grid``: "quadratic", "uniform", "logsnr", "datasnr", "datasnr-eps" (the solver's default) from T
+    to ``t_min`` (default: the diffusion's) in ``steps`` steps (the solver's default), or a 1-D tensor
+    of times, strictly decreasing in [t_min, T]. A named grid starts at
+    ``fastmdm.solvers.effective_horizon`` (T unless the data is forgotten earlier, as with a large
+    β_max: there p_t is the prior to 1e-6).
     ``denoise``: True returns x̂₀ = E[x₀ | u_{t_min}] (the end k-diffusion and diffusers return),
     Tweedie from one more network call at the grid's end, so NFE = steps × the solver's NFE per step
-    (+ corrector calls) + 1; False returns x of the state at t_min. Default: True where Σ_xx(t_min) >
-    DENOISE_MIN_VARIANCE (VP-SDE), else False — an MDM's state at t_min is its denoised end already
-    (CLD's Σ_xx is ~1e-12), and a velocity-only score cannot give x̂₀ (docs/solvers.md, "The end of
-    sampling").
+    (+ corrector calls) + 1; False returns x of the state at t_min. Default: False for "ei-ode" and
+    "ei-data" (their last step beats the Tweedie call at equal NFE); for the others True where
+    Σ_xx(t_min) > DENOISE_MIN_VARIANCE (VP-SDE), else False — an MDM's state at t_min is its denoised
+    end already (CLD's Σ_xx is ~1e-12), and a velocity-only score cannot give x̂₀ (docs/solvers.md,
+    "The end of sampling").
     ``progress``: a tqdm bar. ``callback(info)`` is called at the start (i = 0) and after every step
     with info = {"i", "t", "u" (the state at t), "denoised"
     (x̂₀ = E[x₀ | u] from the step's first network call, at its evaluation time; None at i = 0, for
@@ -467,7 +472,7 @@ def sample(model, diffusion: LinearDiffusion, shape=None, steps: int | None = No
         check_callable(callback, "callback", "callback(info)")
     model, prediction = resolve_model(model, diffusion, prediction)
     prediction = prediction.name
-    denoise = default_denoise(diffusion, end, prediction) if denoise is None else denoise
+    denoise = default_denoise(diffusion, end, prediction, entry) if denoise is None else denoise
     check_instance(denoise, bool, "denoise")
     _check_full_score(prediction, solver, entry, corrector, denoise)
     model = _with_extra_args(model, extra_args)

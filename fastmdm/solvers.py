@@ -359,7 +359,9 @@ class Solver:
     calls per step; options: the keyword options it accepts, with defaults; check(options): raises
     ValueError naming a bad option; corrector: whether a Langevin corrector may follow its steps;
     full_score: whether it needs the whole score (False: only D·s, as the reverse SDE and the
-    probability-flow drift do, so a velocity-only score such as CLD-SGM's is exact).
+    probability-flow drift do, so a velocity-only score such as CLD-SGM's is exact); denoise: whether
+    its default end is x̂₀ where the state at t_min is still noisy (False: the state, for the few-step
+    multisteps whose last step beats a Tweedie call at equal NFE, docs/math.md §10).
     """
 
     name: str
@@ -372,6 +374,7 @@ class Solver:
     check: Callable[[dict], None] | None = None
     corrector: bool = True
     full_score: bool = True
+    denoise: bool = True
 
     def resolve(self, given: dict) -> dict:
         """This call's options: the defaults updated by ``given``, checked."""

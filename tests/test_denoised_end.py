@@ -1,4 +1,4 @@
-"""The end of sampling: ``fm.sample(denoise=True)`` (default) returns x̂₀ = E[x₀ | u_{t_min}], False the state."""
+"""The end of sampling: ``fm.sample(denoise=True)`` (the default of most solvers) returns x̂₀ = E[x₀ | u_{t_min}], False the state."""
 
 from __future__ import annotations
 
@@ -93,10 +93,7 @@ def test_nfe_is_steps_times_per_step_plus_one(solver, options, per_step, denoise
         assert float(calls[-1][0]) == pytest.approx(diff.t_min, rel=1e-12)
 
 
-@pytest.mark.parametrize("name,expected", [("vpsde", True), ("cld", False), ("malda3", False)])
-def test_default_end_denoises_only_where_it_changes_the_sample(name, expected):
-    """VP-SDE's Σ_xx(t_min) is ~1e-4: the default spends the Tweedie call; CLD's and MALDA's are
-    ≤ 1e-8, where the state's x is the denoised end already: the default returns it (no extra call)."""
+def _calls_of_default_end(name: str, solver: str) -> int:
     diff = DIFFUSIONS[name]()
     exact = exact_score_model(_gaussian(), diff)
     calls = []
@@ -105,8 +102,23 @@ def test_default_end_denoises_only_where_it_changes_the_sample(name, expected):
         calls.append(t)
         return exact(u, t)
 
-    sample(model, diff, x_T=_start(diff, 4, 5), steps=3, solver="ei-ode")
-    assert len(calls) == 3 + expected
+    sample(model, diff, x_T=_start(diff, 4, 5), steps=3, solver=solver)
+    return len(calls)
+
+
+@pytest.mark.parametrize("name,expected", [("vpsde", True), ("cld", False), ("malda3", False)])
+def test_default_end_denoises_only_where_it_changes_the_sample(name, expected):
+    """VP-SDE's Σ_xx(t_min) is ~1e-4: the default spends the Tweedie call; CLD's and MALDA's are
+    ≤ 1e-8, where the state's x is the denoised end already: the default returns it (no extra call)."""
+    assert _calls_of_default_end(name, "ancestral") == 3 + expected
+
+
+@pytest.mark.parametrize("solver", ["ei-ode", "ei-data"])
+@pytest.mark.parametrize("name", ["vpsde", "cld"])
+def test_few_step_multisteps_end_on_the_state(name, solver):
+    """"ei-ode" and "ei-data" end on the state by default, VP-SDE included: their last step beats the
+    Tweedie call at equal NFE (benchmarks/results/quality-2026-12-01.md)."""
+    assert _calls_of_default_end(name, solver) == 3
 
 
 def test_denoise_must_be_a_bool():

@@ -1,4 +1,4 @@
-"""Few-step sampling: the data-prediction multistep solver "ei-data" and the "datasnr" grid, against
+"""Few-step sampling: the data-prediction multistep solver "ei-data" and the "datasnr" grids, against
 exact scores of single-point, Gaussian and sharp-mixture data laws (docs/math.md §7–8)."""
 
 import math
@@ -11,10 +11,13 @@ import fastmdm as fm
 from fastmdm.grids import (
     DATA_SNR_MAX_WARP,
     DATA_SNR_WINDOW,
+    EPS_SNR_BOTTOM,
+    EPS_SNR_MAX_WARP,
     GRIDS,
     OUTSIDE_DENSITY,
     data_log_snr,
     data_snr_warp,
+    eps_snr_warp,
     time_grid,
 )
 from fastmdm.mixtures import GaussianMixture, exact_score_model
@@ -43,20 +46,25 @@ def final_state(model, diffusion, x_T, **options):
     return states[-1]
 
 
-# -- the datasnr grid -----------------------------------------------------------------------------
+# -- the datasnr grids ----------------------------------------------------------------------------
+SNR_GRIDS = {"datasnr": (DATA_SNR_WINDOW[0], data_snr_warp), "datasnr-eps": (EPS_SNR_BOTTOM, eps_snr_warp)}
+
+
+@pytest.mark.parametrize("kind", list(SNR_GRIDS))
 @pytest.mark.parametrize("name", list(MAKERS))
-def test_datasnr_grid_is_uniform_in_warped_clipped_log_snr(name):
-    """Exact ends, strictly decreasing, and e^{−κ_N g} equally spaced (g itself at κ_N = 0), g(λ) = clip(λ) +
-    OUTSIDE_DENSITY (λ − clip(λ)), to the dense table's interpolation error, for 1, 2, 5, 8, 10 and 20 steps."""
+def test_datasnr_grid_is_uniform_in_warped_clipped_log_snr(name, kind):
+    """Exact ends, strictly decreasing, and e^{−κ_N g} equally spaced (g itself at κ_N = 0), g(λ) = clip(λ, b, 5)
+    + OUTSIDE_DENSITY (λ − clip(λ)), to the dense table's interpolation error, for 1, 2, 5, 8, 10 and 20 steps."""
     diff = MAKERS[name]()
+    bottom, warp = SNR_GRIDS[kind]
     for steps in (1, 2, 5, 8, 10, 20):
-        t = time_grid(diff, steps, "datasnr")
+        t = time_grid(diff, steps, kind)
         assert t.shape == (steps + 1,) and t[0] == diff.T and t[-1] == diff.t_min
         assert (t[1:] < t[:-1]).all()
         lam = data_log_snr(diff, t)
-        inside = lam.clamp(*DATA_SNR_WINDOW)
+        inside = lam.clamp(bottom, DATA_SNR_WINDOW[1])
         g = inside + OUTSIDE_DENSITY * (lam - inside)
-        kappa = data_snr_warp(steps)
+        kappa = warp(steps)
         w = g if kappa == 0 else -torch.exp(-kappa * (g - g[0])) / kappa
         gaps = w[1:] - w[:-1]
         assert (gaps - gaps.mean()).abs().max() < 1e-3 * gaps.mean() + 1e-4, (steps, gaps)
@@ -152,22 +160,35 @@ def test_convergence_order_on_gaussian(name):
 
 
 # -- large steps ------------------------------------------------------------------------------------
+def test_eps_warp_grows_with_the_steps():
+    """"datasnr-eps": κ_N = 0.1 + N/100 up to EPS_SNR_MAX_WARP (from 20 steps), and its window starts lower than
+    "datasnr"'s: VP's λ-steps at 10 steps grow from the first inner step to the last."""
+    assert eps_snr_warp(5) == pytest.approx(0.15) and eps_snr_warp(10) == pytest.approx(0.2)
+    assert eps_snr_warp(20) == EPS_SNR_MAX_WARP == eps_snr_warp(100) and EPS_SNR_BOTTOM < DATA_SNR_WINDOW[0]
+    diff = fm.vpsde()
+    lam = data_log_snr(diff, time_grid(diff, 10, "datasnr-eps"))
+    gaps = lam[1:] - lam[:-1]
+    inner = gaps[1:]  # the first step reaches below the window
+    assert (inner[1:] > inner[:-1]).all() and float(inner[-1] / inner[0]) > 2, gaps
+
+
 SHARP = GaussianMixture([1 / 8] * 8, 1.5 * torch.stack([torch.cos(torch.arange(8) * math.pi / 4),
                                                          torch.sin(torch.arange(8) * math.pi / 4)], 1).to(F64),
                         [0.05] * 8)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("name", list(MAKERS))
-def test_few_steps_stay_finite_and_near_the_modes(name, dtype):
-    """Sharp 8-mode mixture (std 0.05 on a circle of radius 1.5), 1, 2 and 5 steps, default options
-    (order 3, datasnr grid), state in float64 and float32: finite, and with 5 steps every sample lies
-    within 0.5 of a mode centre."""
+@pytest.mark.parametrize("name, solver", [(name, "ei-data") for name in MAKERS] + [
+    (name, "ei-ode") for name in ("vpsde", "learned3")])  # "ei-ode": where it is the default
+def test_few_steps_stay_finite_and_near_the_modes(name, solver, dtype):
+    """Sharp 8-mode mixture (std 0.05 on a circle of radius 1.5), 1, 2 and 5 steps, the solver's default options
+    (ei-data: order 3, datasnr grid; ei-ode: order 2, datasnr-eps), state in float64 and float32: finite, and
+    with 5 steps every sample lies within 0.5 of a mode centre."""
     torch.set_default_dtype(dtype)
     diff = MAKERS[name]()
     model = exact_score_model(SHARP, diff)
     for steps in (1, 2, 5):
-        x = sample(model, diff, (256, 2), steps=steps, solver="ei-data", generator=gen())
+        x = sample(model, diff, (256, 2), steps=steps, solver=solver, generator=gen())
         assert x.dtype == dtype and torch.isfinite(x).all(), steps
     nearest = torch.cdist(x.double(), SHARP.means).min(1).values
     assert nearest.max() < 0.5, float(nearest.max())

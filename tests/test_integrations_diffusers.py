@@ -130,7 +130,8 @@ def test_steps_match_fm_sample_for_every_prediction(order, prediction_type):
     x_T = torch.randn(64, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     out = _run(scheduler, model, x_T, steps=6)
     fm_model = fm.adapters.from_score_sde(lambda x, t: eps(x, round(float(t[0]))), time_scale=N_TRAIN - 1)
-    ref = fm.sample(fm_model, scheduler.diffusion, x_T=x_T.unsqueeze(1), grid=scheduler.grid, order=order)
+    ref = fm.sample(fm_model, scheduler.diffusion, x_T=x_T.unsqueeze(1), grid=scheduler.grid, order=order,
+                    denoise=scheduler.config.set_alpha_to_one)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     # the end: x̂₀ = E[x₀ | x at timestep 0] of N(0.4, 0.36) data, mean 0.4, std at most 0.6
     assert abs(out.mean().item() - 0.4) < 5 * 0.6 / math.sqrt(out.numel()) + 0.02
