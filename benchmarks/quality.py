@@ -56,8 +56,9 @@ DIFFUSIONS = {
 }
 # (label, sample() options, denoised end); the defaults run apart (see default_label)
 CONFIGS = [
-    ("ei-data o3 datasnr", dict(solver="ei-data", order=3, grid="datasnr"), False),
-    ("ei-data o3 datasnr +den", dict(solver="ei-data", order=3, grid="datasnr"), True),
+    ("ei-data o3 datasnr", dict(solver="ei-data", order=3, correct=False, grid="datasnr"), False),
+    ("ei-data o3 datasnr +den", dict(solver="ei-data", order=3, correct=False, grid="datasnr"), True),
+    ("ei-data o3 +corr datasnr", dict(solver="ei-data", order=3, grid="datasnr"), False),
     ("ei-ode o3 logsnr", dict(solver="ei-ode", order=3, grid="logsnr"), False),
     ("ei-ode o3 logsnr +den", dict(solver="ei-ode", order=3, grid="logsnr"), True),
     ("ei-ode o2 quadratic", dict(solver="ei-ode", order=2, grid="quadratic"), False),
@@ -139,7 +140,9 @@ def default_label(diffusion) -> str:
     solver = default_solver(diffusion, diffusion.t_min)
     entry = get_solver(solver)
     end = " +den" if default_denoise(diffusion, diffusion.t_min, "eps", entry) else ""
-    return f"default ({solver} o{entry.options['order']} {entry.grid}{end})"
+    order = entry.options["order"] or "2/3"  # None: "ei-data" picks 2 or 3 by the number of steps
+    corrected = " +corr" if entry.options.get("correct") else ""
+    return f"default ({solver} o{order}{corrected} {entry.grid}{end})"
 
 
 def load_k_diffusion():

@@ -66,7 +66,7 @@ def prior_draws(diffusion: LinearDiffusion) -> Tensor:
     return (normal * diffusion.stationary_var.detach().cpu().to(torch.float64).sqrt())[..., None]
 
 
-def proxy_samples(diffusion: LinearDiffusion, times: Tensor, order: int = 3) -> list[Tensor]:
+def proxy_samples(diffusion: LinearDiffusion, times: Tensor, order: int | None = None) -> list[Tensor]:
     """The "ei-data" samples x (PROXY_SAMPLES,) of each proxy law on ``times`` (float64, fixed draws)."""
     plan = data_multistep_plan(diffusion, times, order)
     start = prior_draws(diffusion)
@@ -103,9 +103,10 @@ def _times(diffusion: LinearDiffusion, table: tuple[Tensor, Tensor], logits: np.
 
 
 def optimized_grid(diffusion: LinearDiffusion, steps: int, t_min: float | None = None,
-                   t_max: float | None = None, order: int = 3) -> Tensor:
+                   t_max: float | None = None, order: int | None = None) -> Tensor:
     """The N + 1 times t_max = t_0 > … > t_N = t_min (defaults T, t_min) minimising the proxy error of
-    "ei-data" of ``order`` (float64; cached per diffusion, N, ends and order; 15–120 CPU s to build)."""
+    "ei-data" of ``order`` (None: its default), with its corrector (float64; cached per diffusion, N,
+    ends and order; 15–120 CPU s to build)."""
     steps = check_int(steps, "steps")
     lo = diffusion.t_min if t_min is None else float(t_min)
     hi = diffusion.T if t_max is None else float(t_max)

@@ -4,8 +4,8 @@
 - "uniform":   t_i = T − (T − t_min) i/N;
 - "logsnr":    uniform in φ(t) = log(e^{τ(t)} − 1) (minus the log-SNR of a VP-SDE), inverted in closed
   form by τ = softplus(φ) and t = τ⁻¹(τ) — nearly uniform in log τ near the data;
-- "datasnr":   in the data log-SNR λ = log‖L_t⁻¹a_t‖ clipped to [−1.5, 5], steps growing like e^{κ_N λ}
-  (docs/math.md §10), the default of the "ei-data" solver;
+- "datasnr":   uniform in the data log-SNR λ = log‖L_t⁻¹a_t‖ clipped to [−1.5, 5], steps growing like
+  e^{κ_N λ} at 8–11 steps (docs/math.md §10), the default of the "ei-data" solver;
 - "datasnr-eps": the same in λ clipped to [−1.75, 5] with the warp of a noise-prediction multistep,
   κ_N = min(0.1 + N/100, 0.3) (docs/math.md §10), the default of the "ei-ode" solver;
 - "optimized": chosen once per diffusion for "ei-data" on proxy mixtures with exact scores, without
@@ -30,7 +30,8 @@ from .validation import check_choice, check_int, check_number
 GRIDS = ("quadratic", "uniform", "logsnr", "datasnr", "datasnr-eps")
 DATA_SNR_WINDOW = (-1.5, 5.0)  # λ = log‖L⁻¹a‖ range where a unit-scale data law's detail lives
 EPS_SNR_BOTTOM = -1.75  # the window's bottom for noise-prediction solvers ("datasnr-eps")
-DATA_SNR_MAX_WARP = 0.25  # κ at 10 steps: λ-steps grow like e^{κλ} (Karras ρ = 1/κ in σ = e^{−λ})
+DATA_SNR_MAX_WARP = 0.2  # κ at 9–11 steps: λ-steps grow like e^{κλ} (Karras ρ = 1/κ in σ = e^{−λ})
+DATA_ORDER3_STEPS = 12  # "ei-data" runs order 3 from this many steps on (order 2 below), unwarped
 EPS_SNR_MAX_WARP = 0.3  # the largest κ of "datasnr-eps", from 20 steps on
 OUTSIDE_DENSITY = 0.02  # relative step density outside the window: every step still shrinks as N grows
 _DENSE = 2001
@@ -45,9 +46,12 @@ def data_log_snr(diffusion: LinearDiffusion, times: Tensor) -> Tensor:
 
 
 def data_snr_warp(steps: int) -> float:
-    """κ_N = DATA_SNR_MAX_WARP · clip((N − 5)/5, 0, 1) · min(1, 10/N): none up to 5 steps, strongest at
-    10, then fading as 10/N (docs/math.md §10, measured on sharp mixtures)."""
-    return DATA_SNR_MAX_WARP * min(max((steps - 5) / 5, 0.0), 1.0) * min(1.0, 10 / steps)
+    """κ_N = DATA_SNR_MAX_WARP · clip((N − 7)/2, 0, 1) below DATA_ORDER3_STEPS, else 0: "ei-data"'s order 2
+    (corrected) has enough steps for the mode decision from 8 steps on if they are packed there, and order 3
+    runs best on the uniform window (docs/math.md §10, measured on sharp mixtures)."""
+    if steps >= DATA_ORDER3_STEPS:
+        return 0.0
+    return DATA_SNR_MAX_WARP * min(max((steps - 7) / 2, 0.0), 1.0)
 
 
 def eps_snr_warp(steps: int) -> float:

@@ -400,7 +400,7 @@ register_solver(Solver("rk45", adaptive_plan, run_adaptive, options={"rtol": 1e-
                        check=check_tolerances, corrector=False, full_score=False))
 register_solver(Solver("sscs", sscs_plan, run_linear, full_score=False))
 register_solver(Solver("ei-data", data_multistep_plan, run_data_multistep, grid="datasnr",
-                       options={"order": 3}, check=check_data_multistep, denoise=False))
+                       options={"order": None, "correct": True}, check=check_data_multistep, denoise=False))
 
 
 @staged("sample")
