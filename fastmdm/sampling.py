@@ -426,7 +426,8 @@ def sample(model, diffusion: LinearDiffusion, shape=None, steps: int | None = No
     "euler-maruyama" (the published reference: reverse SDE, quadratic grid, 500
     steps, no noise on the last step); "ei-ode" (exponential integrator on the
     probability-flow ODE, ``order`` 1–3 multistep (default 2), "datasnr-eps" grid, ``noise`` "rotated"
-    — exact for a single-point data law — or "cholesky"); "ei-data" (x̂₀ multistep, ``order`` 1–3,
+    — exact for a single-point data law — or "cholesky"); "ei-data" (x̂₀ multistep, ``order`` 1–3, default 2
+    below 12 steps and 3 from 12, ``correct``: a UniPC-style corrector at no extra NFE, default True;
     "datasnr" grid);
     "ancestral" (exact Gaussian posterior step, ``eta`` ∈ [0, 1]; 1 =
     DDPM, 0 = DDIM); "heun" (2 NFE per step, probability-flow ODE in log τ); "rk45" (adaptive
