@@ -10,8 +10,10 @@ x̂₀ is held to the polynomial p(σ) through the last q predictions in σ = 1/
 nearly linear in σ² as σ → 0; in λ = log‖c‖ the polynomial is extrapolated across steps of many units
 of λ where ċ is largest). Order 1 is the rotated order-1 step of ``ei_ode_plan``, exact for a
 single-point data law; orders 2–3 add K_s Σ_j (ω_j − δ_j0 Σ_i ω_i) x̂₀_{n−j}, ω_j = ∫ ċ ℓ_j(σ) dρ, whose
-weights sum to zero, so a constant x̂₀ (a point mass) adds nothing. The integrals use Gauss–Legendre in
-ρ = log τ on pieces of at most ``MAX_PIECE``, in float64, once per grid.
+weights sum to zero, so a constant x̂₀ (a point mass) adds nothing. The corrector (UniPC's UniC) retakes
+step n once x̂₀_{n+1} is known, with the polynomial through it: interpolation instead of extrapolation, one
+order more, no extra network call. The integrals use Gauss–Legendre in ρ = log τ on pieces of at most
+``MAX_PIECE``, in float64, once per grid.
 """
 
 from __future__ import annotations
