@@ -4,8 +4,8 @@
 - "uniform":   t_i = T − (T − t_min) i/N;
 - "logsnr":    uniform in φ(t) = log(e^{τ(t)} − 1) (minus the log-SNR of a VP-SDE), inverted in closed
   form by τ = softplus(φ) and t = τ⁻¹(τ) — nearly uniform in log τ near the data;
-- "datasnr":   uniform in the data log-SNR λ = log‖L_t⁻¹a_t‖ clipped to [−1.5, 5], steps growing like
-  e^{κ_N λ} at 8–11 steps (docs/math.md §10), the default of the "ei-data" solver;
+- "datasnr":   uniform in the data log-SNR λ = log‖L_t⁻¹a_t‖ clipped to [−1.5, 5] ([−1, 3.75] up to 5
+  steps), steps growing like e^{κ_N λ} at 8–11 steps (docs/math.md §10), the default of "ei-data";
 - "datasnr-eps": the same in λ clipped to [−1.75, 5] with the warp of a noise-prediction multistep,
   κ_N = min(0.1 + N/100, 0.3) (docs/math.md §10), the default of the "ei-ode" solver;
 - "optimized": chosen once per diffusion for "ei-data" on proxy mixtures with exact scores, without
@@ -29,6 +29,8 @@ from .validation import check_choice, check_int, check_number
 
 GRIDS = ("quadratic", "uniform", "logsnr", "datasnr", "datasnr-eps")
 DATA_SNR_WINDOW = (-1.5, 5.0)  # λ = log‖L⁻¹a‖ range where a unit-scale data law's detail lives
+FEW_STEPS_WINDOW = (-1.0, 3.75)  # "datasnr"'s window up to FEW_STEPS steps: no step spent outside it
+FEW_STEPS = 5
 EPS_SNR_BOTTOM = -1.75  # the window's bottom for noise-prediction solvers ("datasnr-eps")
 DATA_SNR_MAX_WARP = 0.2  # κ at 9–11 steps: λ-steps grow like e^{κλ} (Karras ρ = 1/κ in σ = e^{−λ})
 DATA_ORDER3_STEPS = 12  # "ei-data" runs order 3 from this many steps on (order 2 below), unwarped
@@ -82,8 +84,9 @@ def times_at_levels(diffusion: LinearDiffusion, rho: Tensor, values: Tensor, lev
 def data_snr_grid(diffusion: LinearDiffusion, steps: int, t_min: float | None = None,
                   t_max: float | None = None, kind: str = "datasnr") -> Tensor:
     """Times uniform in w = −expm1(−κ_N (g − g_T))/κ_N (w = g − g_T at κ_N = 0), where
-    g(λ) = clip(λ) + OUTSIDE_DENSITY (λ − clip(λ)), clip to [b, 5]; "datasnr": b = −1.5 and
-    κ_N = data_snr_warp(N), "datasnr-eps": b = EPS_SNR_BOTTOM and κ_N = eps_snr_warp(N).
+    g(λ) = clip(λ) + OUTSIDE_DENSITY (λ − clip(λ)); "datasnr": clip to DATA_SNR_WINDOW (FEW_STEPS_WINDOW
+    up to FEW_STEPS steps) and κ_N = data_snr_warp(N), "datasnr-eps": clip to [EPS_SNR_BOTTOM, 5] and
+    κ_N = eps_snr_warp(N).
 
     λ is tabulated on a dense grid in ρ = log τ and made non-decreasing; each level is inverted by
     linear interpolation in ρ (docs/math.md §10).
@@ -92,7 +95,11 @@ def data_snr_grid(diffusion: LinearDiffusion, steps: int, t_min: float | None = 
     lo, hi = diffusion.t_min if t_min is None else t_min, diffusion.T if t_max is None else t_max
     rho, lam = data_log_snr_table(diffusion, lo, hi)
     eps = kind == "datasnr-eps"
-    inside = lam.clamp(EPS_SNR_BOTTOM if eps else DATA_SNR_WINDOW[0], DATA_SNR_WINDOW[1])
+    if eps:
+        window = (EPS_SNR_BOTTOM, DATA_SNR_WINDOW[1])
+    else:
+        window = FEW_STEPS_WINDOW if steps <= FEW_STEPS else DATA_SNR_WINDOW
+    inside = lam.clamp(*window)
     g = inside + OUTSIDE_DENSITY * (lam - inside)
     g = g - g[0]
     kappa = eps_snr_warp(steps) if eps else data_snr_warp(steps)

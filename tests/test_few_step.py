@@ -15,6 +15,8 @@ from fastmdm.grids import (
     DATA_SNR_WINDOW,
     EPS_SNR_BOTTOM,
     EPS_SNR_MAX_WARP,
+    FEW_STEPS,
+    FEW_STEPS_WINDOW,
     GRIDS,
     OUTSIDE_DENSITY,
     data_log_snr,
@@ -49,22 +51,25 @@ def final_state(model, diffusion, x_T, **options):
 
 
 # -- the datasnr grids ----------------------------------------------------------------------------
-SNR_GRIDS = {"datasnr": (DATA_SNR_WINDOW[0], data_snr_warp), "datasnr-eps": (EPS_SNR_BOTTOM, eps_snr_warp)}
+SNR_GRIDS = {  # kind: (window at N steps, κ_N)
+    "datasnr": (lambda n: FEW_STEPS_WINDOW if n <= FEW_STEPS else DATA_SNR_WINDOW, data_snr_warp),
+    "datasnr-eps": (lambda n: (EPS_SNR_BOTTOM, DATA_SNR_WINDOW[1]), eps_snr_warp)}
 
 
 @pytest.mark.parametrize("kind", list(SNR_GRIDS))
 @pytest.mark.parametrize("name", list(MAKERS))
 def test_datasnr_grid_is_uniform_in_warped_clipped_log_snr(name, kind):
-    """Exact ends, strictly decreasing, and e^{−κ_N g} equally spaced (g itself at κ_N = 0), g(λ) = clip(λ, b, 5)
-    + OUTSIDE_DENSITY (λ − clip(λ)), to the dense table's interpolation error, for 1, 2, 5, 8, 10 and 20 steps."""
+    """Exact ends, strictly decreasing, and e^{−κ_N g} equally spaced (g itself at κ_N = 0), g(λ) = clip(λ, b, c)
+    + OUTSIDE_DENSITY (λ − clip(λ)), to the dense table's interpolation error, for 1, 2, 5, 6, 8, 10 and 20 steps
+    ("datasnr": [b, c] = [−1, 3.75] up to 5 steps, [−1.5, 5] from 6)."""
     diff = MAKERS[name]()
-    bottom, warp = SNR_GRIDS[kind]
-    for steps in (1, 2, 5, 8, 10, 20):
+    window, warp = SNR_GRIDS[kind]
+    for steps in (1, 2, 5, 6, 8, 10, 20):
         t = time_grid(diff, steps, kind)
         assert t.shape == (steps + 1,) and t[0] == diff.T and t[-1] == diff.t_min
         assert (t[1:] < t[:-1]).all()
         lam = data_log_snr(diff, t)
-        inside = lam.clamp(bottom, DATA_SNR_WINDOW[1])
+        inside = lam.clamp(*window(steps))
         g = inside + OUTSIDE_DENSITY * (lam - inside)
         kappa = warp(steps)
         w = g if kappa == 0 else -torch.exp(-kappa * (g - g[0])) / kappa
