@@ -38,6 +38,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         trainer = Trainer(ddp, lr=1e-2, warmup=1, grad_clip=0.5, seed=rank)
         trainer.train_step(_batch(rank))
         torch.save(mdm.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other still uses it (a SIGABRT race otherwise)
     finally:
         dist.destroy_process_group()
 
