@@ -54,7 +54,7 @@ DIFFUSIONS = {
     "malda3": lambda: fm.malda(3),
     "learned3": lambda: fm.learned(3, full_d=True, init_noise=0.5, generator=torch.Generator().manual_seed(0)),
 }
-# (label, sample() options, denoised end); the defaults run apart (see default_label)
+# (label, sample() options, denoised end); the defaults run apart (see default_run)
 CONFIGS = [
     ("ei-data o3 datasnr", dict(solver="ei-data", order=3, correct=False, grid="datasnr"), False),
     ("ei-data o3 datasnr +den", dict(solver="ei-data", order=3, correct=False, grid="datasnr"), True),
@@ -135,14 +135,14 @@ class ExactLaw:
         return sum(draws) / FLOOR_DRAWS
 
 
-def default_label(diffusion) -> str:
-    """What ``fm.sample(model, diffusion, shape, steps)`` runs (its end: denoised or the state)."""
+def default_run(diffusion) -> tuple[str, bool]:
+    """(label, denoised end) of what ``fm.sample(model, diffusion, shape, steps)`` runs."""
     solver = default_solver(diffusion, diffusion.t_min)
     entry = get_solver(solver)
-    end = " +den" if default_denoise(diffusion, diffusion.t_min, "eps", entry) else ""
+    denoise = default_denoise(diffusion, diffusion.t_min, "eps", entry)
     order = entry.options["order"] or "2/3"  # None: "ei-data" picks 2 or 3 by the number of steps
     corrected = " +corr" if entry.options.get("correct") else ""
-    return f"default ({solver} o{order}{corrected} {entry.grid}{end})"
+    return f"default ({solver} o{order}{corrected} {entry.grid}{' +den' if denoise else ''})", denoise
 
 
 def load_k_diffusion():
@@ -221,8 +221,8 @@ def diffusers_runs(mixture, d: int, nfe: int, samples: int, seed: int) -> dict[s
 def fastmdm_runs(model, diff, d: int, nfe: int, samples: int, seed: int) -> dict[str, tuple[torch.Tensor, bool]]:
     """{label: (samples, denoised?)} for the defaults and CONFIGS at a budget of nfe calls."""
     gen = lambda: torch.Generator().manual_seed(seed)  # noqa: E731
-    denoise = default_denoise(diff, diff.t_min, "eps", get_solver(default_solver(diff, diff.t_min)))
-    out = {default_label(diff): (sample(model, diff, (samples, d), steps=nfe - denoise, generator=gen()), denoise)}
+    label, denoise = default_run(diff)
+    out = {label: (sample(model, diff, (samples, d), steps=nfe - denoise, generator=gen()), denoise)}
     for label, options, denoise in CONFIGS:
         x = sample(model, diff, (samples, d), steps=nfe - denoise, generator=gen(), denoise=denoise, **options)
         out[label] = (x, denoise)
