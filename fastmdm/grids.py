@@ -35,7 +35,7 @@ EPS_SNR_BOTTOM = -1.75  # the window's bottom for noise-prediction solvers ("dat
 DATA_SNR_MAX_WARP = 0.2  # κ at 9–11 steps: λ-steps grow like e^{κλ} (Karras ρ = 1/κ in σ = e^{−λ})
 DATA_ORDER3_STEPS = 12  # "ei-data" runs order 3 from this many steps on (order 2 below), unwarped
 EPS_SNR_MAX_WARP = 0.3  # the largest κ of "datasnr-eps", from 20 steps on
-OUTSIDE_DENSITY = 0.02  # relative step density outside the window: every step still shrinks as N grows
+OUTSIDE_DENSITY = (0.05, 0.02)  # relative step density (below, above) the window: every step shrinks as N grows
 _DENSE = 2001
 
 
@@ -84,9 +84,9 @@ def times_at_levels(diffusion: LinearDiffusion, rho: Tensor, values: Tensor, lev
 def data_snr_grid(diffusion: LinearDiffusion, steps: int, t_min: float | None = None,
                   t_max: float | None = None, kind: str = "datasnr") -> Tensor:
     """Times uniform in w = −expm1(−κ_N (g − g_T))/κ_N (w = g − g_T at κ_N = 0), where
-    g(λ) = clip(λ) + OUTSIDE_DENSITY (λ − clip(λ)); "datasnr": clip to DATA_SNR_WINDOW (FEW_STEPS_WINDOW
-    up to FEW_STEPS steps) and κ_N = data_snr_warp(N), "datasnr-eps": clip to [EPS_SNR_BOTTOM, 5] and
-    κ_N = eps_snr_warp(N).
+    g(λ) = clip(λ) + ν (λ − clip(λ)), ν = OUTSIDE_DENSITY[0] below the window and [1] above; "datasnr": clip
+    to DATA_SNR_WINDOW (FEW_STEPS_WINDOW up to FEW_STEPS steps) and κ_N = data_snr_warp(N), "datasnr-eps":
+    clip to [EPS_SNR_BOTTOM, 5] and κ_N = eps_snr_warp(N).
 
     λ is tabulated on a dense grid in ρ = log τ and made non-decreasing; each level is inverted by
     linear interpolation in ρ (docs/math.md §10).
@@ -100,7 +100,8 @@ def data_snr_grid(diffusion: LinearDiffusion, steps: int, t_min: float | None = 
     else:
         window = FEW_STEPS_WINDOW if steps <= FEW_STEPS else DATA_SNR_WINDOW
     inside = lam.clamp(*window)
-    g = inside + OUTSIDE_DENSITY * (lam - inside)
+    below, above = OUTSIDE_DENSITY
+    g = inside + below * (lam - inside).clamp(max=0) + above * (lam - inside).clamp(min=0)
     g = g - g[0]
     kappa = eps_snr_warp(steps) if eps else data_snr_warp(steps)
     w = g if kappa == 0 else -torch.expm1(-kappa * g) / kappa

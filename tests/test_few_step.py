@@ -60,7 +60,7 @@ SNR_GRIDS = {  # kind: (window at N steps, κ_N)
 @pytest.mark.parametrize("name", list(MAKERS))
 def test_datasnr_grid_is_uniform_in_warped_clipped_log_snr(name, kind):
     """Exact ends, strictly decreasing, and e^{−κ_N g} equally spaced (g itself at κ_N = 0), g(λ) = clip(λ, b, c)
-    + OUTSIDE_DENSITY (λ − clip(λ)), to the dense table's interpolation error, for 1, 2, 5, 6, 8, 10 and 20 steps
+    + ν (λ − clip(λ)) (ν = OUTSIDE_DENSITY below and above the window), to the dense table's interpolation error, for 1, 2, 5, 6, 8, 10 and 20 steps
     ("datasnr": [b, c] = [−1, 3.75] up to 5 steps, [−1.5, 5] from 6)."""
     diff = MAKERS[name]()
     window, warp = SNR_GRIDS[kind]
@@ -70,7 +70,8 @@ def test_datasnr_grid_is_uniform_in_warped_clipped_log_snr(name, kind):
         assert (t[1:] < t[:-1]).all()
         lam = data_log_snr(diff, t)
         inside = lam.clamp(*window(steps))
-        g = inside + OUTSIDE_DENSITY * (lam - inside)
+        below, above = OUTSIDE_DENSITY
+        g = inside + torch.where(lam < inside, below, above) * (lam - inside)
         kappa = warp(steps)
         w = g if kappa == 0 else -torch.exp(-kappa * (g - g[0])) / kappa
         gaps = w[1:] - w[:-1]
@@ -170,6 +171,20 @@ def test_convergence_order_on_gaussian(name):
                                   grid="logsnr") - ref).abs().mean()) for n in (40, 80)]
             assert math.log2(errs[0] / errs[1]) > order + correct - 0.4, (order, correct, errs)
 
+
+
+def test_datasnr_grid_converges_far_below_its_window():
+    """A learned (3) diffusion starts at λ_T ≈ −5, far below "datasnr"'s window: the steps there must shrink
+    with N too, so "ei-data" (corrected, order 3) converges on a sharp Gaussian (std 0.05): log2(e_40 / e_80) ≥ 1.5
+    against RK45 at rtol 1e-10 (measured 2.35; 0.76 with the density 0.02 below the window, where one step
+    spanned λ ∈ [−5, −1.5] up to 80 steps)."""
+    diff = fm.learned(3, full_d=True, init_noise=0.5, generator=gen(0))
+    assert float(data_log_snr(diff, torch.tensor([diff.T]))[0]) < DATA_SNR_WINDOW[0] - 3
+    model = exact_score_model(GaussianMixture([1.0], [[0.0]], [0.05]), diff)
+    u_T = diff.prior_sample((64, 1), generator=gen())
+    ref = sample(model, diff, x_T=u_T, solver="rk45", rtol=1e-10, atol=1e-10, denoise=False)
+    errs = [float((sample(model, diff, x_T=u_T, steps=n, solver="ei-data") - ref).abs().max()) for n in (40, 80)]
+    assert math.log2(errs[0] / errs[1]) > 1.5, errs
 
 # -- large steps ------------------------------------------------------------------------------------
 def test_eps_warp_grows_with_the_steps():
