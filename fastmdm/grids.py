@@ -35,7 +35,7 @@ EPS_SNR_BOTTOM = -1.75  # the window's bottom for noise-prediction solvers ("dat
 DATA_SNR_MAX_WARP = 0.2  # κ at 9–11 steps: λ-steps grow like e^{κλ} (Karras ρ = 1/κ in σ = e^{−λ})
 DATA_ORDER3_STEPS = 12  # "ei-data" runs order 3 from this many steps on (order 2 below), unwarped
 EPS_SNR_MAX_WARP = 0.3  # the largest κ of "datasnr-eps", from 20 steps on
-OUTSIDE_DENSITY = (0.05, 0.02)  # relative step density (below, above) the window: every step shrinks as N grows
+OUTSIDE_DENSITY = (0.05, 0.02)  # step density (below, above) the window: every step shrinks as N grows
 _DENSE = 2001
 
 
