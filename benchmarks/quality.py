@@ -137,14 +137,22 @@ class ExactLaw:
         return sum(draws) / FLOOR_DRAWS
 
 
-def default_run(diffusion) -> tuple[str, bool]:
-    """(label, denoised end) of what ``fm.sample(model, diffusion, shape, steps)`` runs."""
-    solver = default_solver(diffusion, diffusion.t_min)
-    entry = get_solver(solver)
-    denoise = default_denoise(diffusion, diffusion.t_min, "eps", entry)
-    order = entry.options["order"] or "2/3"  # None: "ei-data" picks 2 or 3 by the number of steps
-    corrected = " +corr" if entry.options.get("correct") else ""
-    return f"default ({solver} o{order}{corrected} {entry.grid}{' +den' if denoise else ''})", denoise
+def default_run(diffusion, nfes=NFES) -> tuple[str, bool]:
+    """(label, denoised end) of what ``fm.sample(model, diffusion, shape, steps)`` runs at these budgets
+    (the solver may depend on the number of steps: one label names each solver and its budgets)."""
+    runs, ends = {}, set()
+    for nfe in nfes:
+        solver = default_solver(diffusion, diffusion.t_min, nfe)
+        entry = get_solver(solver)
+        denoise = default_denoise(diffusion, diffusion.t_min, "eps", entry)
+        order = entry.options["order"] or "2/3"  # None: "ei-data" picks 2 or 3 by the number of steps
+        corrected = " +corr" if entry.options.get("correct") else ""
+        runs.setdefault(f"{solver} o{order}{corrected} {entry.grid}{' +den' if denoise else ''}", []).append(nfe)
+        ends.add(denoise)
+    if len(ends) > 1:
+        raise ValueError("the default's end changes with the budget: steps = NFE − 1 would differ")
+    parts = [f"{run} at {', '.join(map(str, budgets))}" if len(runs) > 1 else run for run, budgets in runs.items()]
+    return f"default ({'; '.join(parts)})", ends.pop()
 
 
 def load_k_diffusion():
@@ -220,10 +228,12 @@ def diffusers_runs(mixture, d: int, nfe: int, samples: int, seed: int) -> dict[s
     return out
 
 
-def fastmdm_runs(model, diff, d: int, nfe: int, samples: int, seed: int) -> dict[str, tuple[torch.Tensor, bool]]:
-    """{label: (samples, denoised?)} for the defaults and CONFIGS at a budget of nfe calls."""
+def fastmdm_runs(model, diff, d: int, nfe: int, samples: int, seed: int,
+                 nfes=NFES) -> dict[str, tuple[torch.Tensor, bool]]:
+    """{label: (samples, denoised?)} for the defaults (labelled for the budgets ``nfes``) and CONFIGS at a
+    budget of nfe calls."""
     gen = lambda: torch.Generator().manual_seed(seed)  # noqa: E731
-    label, denoise = default_run(diff)
+    label, denoise = default_run(diff, nfes)
     out = {label: (sample(model, diff, (samples, d), steps=nfe - denoise, generator=gen()), denoise)}
     for label, options, denoise in CONFIGS:
         x = sample(model, diff, (samples, d), steps=nfe - denoise, generator=gen(), denoise=denoise, **options)
@@ -250,7 +260,7 @@ def run(out: Path, quick: bool) -> Path:
             for nfe in nfes:
                 ratios = {}
                 for seed in SEEDS[d]:
-                    runs = fastmdm_runs(model, diff, d, nfe, samples, seed)
+                    runs = fastmdm_runs(model, diff, d, nfe, samples, seed, nfes)
                     if name == "vpsde":
                         peers = (k_diffusion_runs(K, mixture, diff, d, nfe, samples, seed) if K else {}) | (
                             diffusers_runs(mixture, d, nfe, samples, seed) if has_diffusers else {})

@@ -422,7 +422,8 @@ def sample(model, diffusion: LinearDiffusion, shape=None, steps: int | None = No
 
     ``solver``: a name of ``fastmdm.SOLVERS``, its ``**options`` checked by its registration
     (docs/solvers.md); default (``fastmdm.solvers.default_solver``): "ei-data" when noise reaches x
-    only through auxiliaries (data log-SNR at t_min above 5: CLD, ALDA, MALDA), else "ei-ode".
+    only through auxiliaries (data log-SNR at t_min above 5: CLD, ALDA, MALDA), else "ei-ode" except at
+    8–11 steps (the steps of ``steps`` or of a tensor ``grid``), where "ei-data" is better there too.
     "euler-maruyama" (the published reference: reverse SDE, quadratic grid, 500
     steps, no noise on the last step); "ei-ode" (exponential integrator on the
     probability-flow ODE, ``order`` 1–3 multistep (default 2), "datasnr-eps" grid, ``noise`` "rotated"
@@ -461,7 +462,9 @@ def sample(model, diffusion: LinearDiffusion, shape=None, steps: int | None = No
     """
     check_instance(diffusion, LinearDiffusion, "diffusion")
     end = _check_t_min(diffusion, t_min)
-    solver = default_solver(diffusion, end) if solver is None else solver
+    if solver is None:
+        given = grid.numel() - 1 if isinstance(grid, Tensor) and grid.dim() == 1 else None
+        solver = default_solver(diffusion, end, given if steps is None else steps)
     entry = get_solver(solver)
     options = entry.resolve(options)
     check_choice(corrector, CORRECTORS, "corrector")

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .diffusion import LinearDiffusion
-from .grids import DATA_SNR_WINDOW, GRIDS, data_log_snr
+from .grids import DATA_SNR_WINDOW, GRIDS, data_log_snr, data_snr_warp
 from .noise_frame import diffusion_key, rotation
 from .transition import expm_and_gramian, expm_taylor
 from .validation import check_callable, check_choice, check_instance, check_int, check_number
@@ -340,13 +340,18 @@ def check_tolerances(options: dict) -> None:
 
 
 # -- the registry ---------------------------------------------------------------------------------
-def default_solver(diffusion: LinearDiffusion, t_min: float) -> str:
+def default_solver(diffusion: LinearDiffusion, t_min: float, steps: int | None = None) -> str:
     """``sample``'s solver when none is named: "ei-data" if the data log-SNR λ = log‖L_t⁻¹a_t‖ at t_min
     exceeds the top of the "datasnr" grid's window (5: noise reaches x only through auxiliaries,
-    as in CLD, ALDA, MALDA — λ 13–24), else "ei-ode" (noise on x itself: VP, a learned D — λ ≈ 4.5).
+    as in CLD, ALDA, MALDA — λ 13–24). Where noise is on x itself (VP, a learned D — λ ≈ 4.5): "ei-data"
+    at the ``steps`` where its grid is warped (data_snr_warp > 0: 8–11), whose steps packed into the mode
+    decision beat the ε̂ multistep there, else "ei-ode" (``steps`` None: its default, 20).
     docs/math.md §10; measured in benchmarks/results/quality-2026-12-01.md."""
     lam = data_log_snr(diffusion, torch.tensor([t_min], dtype=torch.float64))
-    return "ei-data" if float(lam[0]) > DATA_SNR_WINDOW[1] else "ei-ode"
+    if float(lam[0]) > DATA_SNR_WINDOW[1]:
+        return "ei-data"
+    warped = steps is not None and data_snr_warp(check_int(steps, "steps")) > 0
+    return "ei-data" if warped else "ei-ode"
 
 
 @dataclass(frozen=True, eq=False)
