@@ -27,7 +27,7 @@ from fastmdm.grids import (
 from fastmdm.mixtures import GaussianMixture, exact_score_model
 from fastmdm.noise_frame import noise_frame, rotation
 from fastmdm.sampling import sample
-from fastmdm.solvers import flow, transition_at
+from fastmdm.solvers import default_solver, flow, transition_at
 
 F64 = torch.float64
 EPS = torch.finfo(F64).eps
@@ -220,6 +220,31 @@ def test_few_steps_stay_finite_and_near_the_modes(name, solver, dtype):
     nearest = torch.cdist(x.double(), SHARP.means).min(1).values
     assert nearest.max() < 0.5, float(nearest.max())
 
+
+
+def test_default_solver_by_diffusion_and_steps():
+    """"ei-data" wherever noise reaches x only through auxiliaries; where it is on x (VP, learned), "ei-data" at the
+    8–11 steps of its warped grid and "ei-ode" elsewhere (its 20 steps when none are given); ``sample`` without a
+    solver runs exactly that one, the steps read from ``steps`` or from a tensor grid."""
+    for name in ("cld", "alda", "malda3"):
+        diff = MAKERS[name]()
+        assert {default_solver(diff, diff.t_min, n) for n in (None, 1, 5, 8, 10, 12, 20)} == {"ei-data"}
+    for name in ("vpsde", "learned3"):
+        diff = MAKERS[name]()
+        chosen = {n: default_solver(diff, diff.t_min, n) for n in (None, 1, 5, 7, 8, 9, 10, 11, 12, 20)}
+        assert [n for n, s in chosen.items() if s == "ei-data"] == [8, 9, 10, 11], chosen
+        assert all(data_snr_warp(n) > 0 for n in (8, 11)) and data_snr_warp(7) == data_snr_warp(12) == 0
+    diff = MAKERS["vpsde"]()
+    model = exact_score_model(SHARP, diff)
+    u_T = diff.prior_sample((64, 2), generator=gen())
+    for steps, solver in ((10, "ei-data"), (12, "ei-ode")):
+        expected = sample(model, diff, x_T=u_T, steps=steps, solver=solver)
+        assert torch.equal(sample(model, diff, x_T=u_T, steps=steps), expected)
+        grid = time_grid(diff, steps, "datasnr")
+        assert torch.equal(sample(model, diff, x_T=u_T, grid=grid), sample(model, diff, x_T=u_T, grid=grid,
+                                                                            solver=solver))
+    with pytest.raises(ValueError, match="steps"):
+        default_solver(diff, diff.t_min, 0)
 
 def test_options_are_checked():
     model = exact_score_model(GAUSS, fm.cld())
