@@ -423,7 +423,7 @@ def sample(model, diffusion: LinearDiffusion, shape=None, steps: int | None = No
     ``solver``: a name of ``fastmdm.SOLVERS``, its ``**options`` checked by its registration
     (docs/solvers.md); default (``fastmdm.solvers.default_solver``): "ei-data" when noise reaches x
     only through auxiliaries (data log-SNR at t_min above 5: CLD, ALDA, MALDA), else "ei-ode" except at
-    8–11 steps (the steps of ``steps`` or of a tensor ``grid``), where "ei-data" is better there too.
+    8–11 steps (counted from ``steps`` or a tensor ``grid``), where "ei-data" is better for them too.
     "euler-maruyama" (the published reference: reverse SDE, quadratic grid, 500
     steps, no noise on the last step); "ei-ode" (exponential integrator on the
     probability-flow ODE, ``order`` 1–3 multistep (default 2), "datasnr-eps" grid, ``noise`` "rotated"
