@@ -229,11 +229,11 @@ def diffusers_runs(mixture, d: int, nfe: int, samples: int, seed: int) -> dict[s
 
 
 def fastmdm_runs(model, diff, d: int, nfe: int, samples: int, seed: int,
-                 nfes=NFES) -> dict[str, tuple[torch.Tensor, bool]]:
-    """{label: (samples, denoised?)} for the defaults (labelled for the budgets ``nfes``) and CONFIGS at a
-    budget of nfe calls."""
+                 default: tuple[str, bool]) -> dict[str, tuple[torch.Tensor, bool]]:
+    """{label: (samples, denoised?)} for the defaults (``default``: default_run's label and end) and CONFIGS
+    at a budget of nfe calls."""
     gen = lambda: torch.Generator().manual_seed(seed)  # noqa: E731
-    label, denoise = default_run(diff, nfes)
+    label, denoise = default
     out = {label: (sample(model, diff, (samples, d), steps=nfe - denoise, generator=gen()), denoise)}
     for label, options, denoise in CONFIGS:
         x = sample(model, diff, (samples, d), steps=nfe - denoise, generator=gen(), denoise=denoise, **options)
@@ -257,10 +257,11 @@ def run(out: Path, quick: bool) -> Path:
             state = ExactLaw(mixture, diff)
             floor_state = state.floor(samples)
             model = exact_score_model(mixture, diff)
+            default = default_run(diff, nfes)
             for nfe in nfes:
                 ratios = {}
                 for seed in SEEDS[d]:
-                    runs = fastmdm_runs(model, diff, d, nfe, samples, seed, nfes)
+                    runs = fastmdm_runs(model, diff, d, nfe, samples, seed, default)
                     if name == "vpsde":
                         peers = (k_diffusion_runs(K, mixture, diff, d, nfe, samples, seed) if K else {}) | (
                             diffusers_runs(mixture, d, nfe, samples, seed) if has_diffusers else {})
